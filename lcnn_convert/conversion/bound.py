@@ -1,0 +1,131 @@
+"""The data-free curvature bound, propagated through the converted graph.
+
+For f = g o h: Lip(f) <= Lip(g) Lip(h) and Curv(f) <= Curv(g) Lip(h)^2 + Lip(g) Curv(h).
+Each node carries (Lipschitz bound, curvature bound) of the map from the input to its output;
+sums add, concatenations add in quadrature, and every LCNN layer states its own constants.
+Max pooling is treated as 1-Lipschitz with zero curvature almost everywhere (it is piecewise
+linear); any op without known constants makes the bound infinite, and is named in the notes.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+Bound = tuple[float, float]
+INFINITE: Bound = (math.inf, math.inf)
+
+# (Lipschitz, curvature) of elementwise activations the pass may leave in place.
+ACTIVATION_CONSTANTS = {"SiLU": (1.0998, 0.5), "GELU": (1.1290, 0.7979), "Sigmoid": (0.25, 0.0962), "Tanh": (1.0, 0.7698)}
+IDENTITY_MODULES = (
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten, nn.Unflatten,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)  # fmt: skip
+IDENTITY_MODULE_NAMES = {"SelectAdaptivePool2d", "DropPath", "DropBlock2d", "AdaptiveAvgMaxPool2d", "FastAdaptiveAvgPool"}
+RESHAPING = {
+    "flatten", "reshape", "view", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "getitem",
+    "mean", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "avg_pool1d", "avg_pool2d",
+    "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool2d", "dropout", "clone", "to",
+    "type_as", "float", "narrow", "chunk", "split", "identity", "pad",
+}  # fmt: skip
+NOT_TENSORS = {"size", "dim", "getattr", "numel", "shape"}
+SUMS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
+CONCATENATIONS = {torch.cat, torch.concat, torch.stack}
+SCALINGS = {operator.mul, operator.imul, torch.mul, operator.truediv, torch.div}
+
+
+def _compose(outer: Bound, inner: Bound) -> Bound:
+    lipschitz, curvature = outer
+    inner_lipschitz, inner_curvature = inner
+    if math.isinf(lipschitz) or math.isinf(curvature):
+        return INFINITE
+    composed_curvature = curvature * inner_lipschitz**2 if curvature else 0.0
+    return lipschitz * inner_lipschitz, composed_curvature + lipschitz * inner_curvature
+
+
+def module_constants(module: nn.Module) -> Bound | None:
+    """(Lipschitz, curvature) of a module, or None when they are not known."""
+    if hasattr(module, "lipschitz_constant") and hasattr(module, "curvature_constant"):
+        return module.lipschitz_constant(), module.curvature_constant()
+    if isinstance(module, IDENTITY_MODULES) or type(module).__name__ in IDENTITY_MODULE_NAMES:
+        return 1.0, 0.0
+    if type(module).__name__ in ACTIVATION_CONSTANTS:
+        return ACTIVATION_CONSTANTS[type(module).__name__]
+    if isinstance(module, nn.Sequential) or type(module).__name__ == "LipschitzBatchNormAct":
+        bound: Bound = (1.0, 0.0)
+        for child in module.children():
+            constants = module_constants(child)
+            if constants is None:
+                return None
+            bound = _compose(constants, bound)
+        return bound
+    return None
+
+
+def _name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _scalar(value: object) -> float | None:
+    return abs(float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def curvature_bound(graph_module: fx.GraphModule) -> tuple[Bound, list[str]]:
+    """((Lipschitz, curvature) bound of the logits, names of ops that made it infinite)."""
+    modules = dict(graph_module.named_modules())
+    bounds: dict[fx.Node, Bound] = {}
+    unknown: set[str] = set()
+    result: Bound = INFINITE
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder":
+            bounds[node] = (1.0, 0.0)
+            continue
+        inputs = [bounds[arg] for arg in node.all_input_nodes if arg in bounds]
+        if node.op == "output":
+            result = inputs[0] if inputs else (0.0, 0.0)
+            break
+        if not inputs:
+            continue  # does not depend on the input: a constant
+        name = _name(node, modules)
+        if name in NOT_TENSORS:
+            continue
+        bound = _node_bound(node, name, modules, inputs)
+        if bound is None:
+            unknown.add(name)
+            bound = INFINITE
+        bounds[node] = bound
+    return result, sorted(unknown) if math.isinf(result[1]) else []
+
+
+def _node_bound(node: fx.Node, name: str, modules: dict[str, nn.Module], inputs: list[Bound]) -> Bound | None:
+    if node.op == "call_module":
+        constants = module_constants(modules[node.target])
+        return None if constants is None else _compose(constants, inputs[0])
+    if node.target in SUMS or name in ("add", "sub", "add_", "sub_"):
+        return _sum(inputs)
+    if node.target in CONCATENATIONS or name in ("cat", "stack"):
+        return math.sqrt(sum(b[0] ** 2 for b in inputs)), math.sqrt(sum(b[1] ** 2 for b in inputs))
+    if node.target in SCALINGS or name in ("mul", "div", "mul_", "div_"):
+        if len(inputs) != 1:
+            return None  # product of two input-dependent tensors: no global bound
+        factor = next((_scalar(arg) for arg in node.args if not isinstance(arg, fx.Node)), None)
+        if not factor:
+            return None
+        factor = 1.0 / factor if node.target in (operator.truediv, torch.div) or name in ("div", "div_") else factor
+        return inputs[0][0] * factor, inputs[0][1] * factor
+    if name in RESHAPING or node.target in (F.dropout, torch.flatten):
+        return inputs[0]
+    return None
+
+
+def _sum(inputs: Iterable[Bound]) -> Bound:
+    inputs = list(inputs)
+    return sum(b[0] for b in inputs), sum(b[1] for b in inputs)

@@ -1,0 +1,234 @@
+"""The fx pass: replace matched calls by LCNN modules, then normalize convs and linears."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+from torch import fx, nn
+
+from torch.nn.modules.batchnorm import _NormBase
+
+from ..layers import LCNN_LAYERS, CenteredSoftplus, LipschitzBatchNorm, NormalizedConv, NormalizedLinear
+from .report import Skipped
+from .rules import ReplacementRule, RuleContext
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Activations the default rules leave alone; listed in the report so nothing is silently kept.
+OTHER_ACTIVATION_NAMES = {
+    "SiLU", "Swish", "SwishMe", "GELU", "GELUTanh", "QuickGELU", "Hardswish", "HardSwish", "HardSwishMe",
+    "ReLU6", "LeakyReLU", "ELU", "SELU", "CELU", "Mish", "MishMe", "PReLU", "Hardsigmoid", "HardSigmoid",
+    "HardSigmoidMe", "Sigmoid", "Tanh", "Softsign", "Hardtanh", "GLU", "ReLU", "Softplus",
+}  # fmt: skip
+OTHER_ACTIVATION_FUNCTIONS = {
+    "silu", "gelu", "hardswish", "hard_swish", "relu6", "leaky_relu", "elu", "selu", "celu", "mish",
+    "hardsigmoid", "hard_sigmoid", "sigmoid", "tanh", "softsign", "hardtanh", "glu", "relu", "relu_",
+    "softplus", "swish", "sigmoid_", "tanh_", "silu_",
+}  # fmt: skip
+
+
+def _module_calls(graph: fx.Graph) -> Counter[str]:
+    return Counter(node.target for node in graph.nodes if node.op == "call_module")
+
+
+def _scope(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack), "") if stack else ""
+
+
+def _free_name(root: nn.Module, wanted: str) -> str:
+    taken = {name for name, _ in root.named_modules()}
+    taken |= {name for name, _ in root.named_parameters()} | {name for name, _ in root.named_buffers()}
+    name, index = wanted, 1
+    while name in taken:
+        name, index = f"{wanted}_{index}", index + 1
+    return name
+
+
+def _rewire_inplace(graph: fx.Graph, mutated: fx.Node, old: fx.Node, new: fx.Node) -> None:
+    """An in-place call changed ``mutated``: later readers of it must read ``new`` instead."""
+    after = False
+    for node in graph.nodes:
+        if node is old:
+            after = True
+            continue
+        if after and node is not new and mutated in node.all_input_nodes:
+            node.replace_input_with(mutated, new)
+
+
+def node_label(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    scope = _scope(node)
+    return f"{scope}:{node.name}" if scope else node.name
+
+
+def count_layers(module: nn.Module) -> tuple[int, int]:
+    """How many centered softplus and Lipschitz BN layers ``module`` holds (itself included)."""
+    modules = list(module.modules())
+    return (
+        sum(isinstance(m, CenteredSoftplus) for m in modules),
+        sum(isinstance(m, LipschitzBatchNorm) for m in modules),
+    )
+
+
+def apply_rules(
+    graph_module: fx.GraphModule,
+    rules: Sequence[ReplacementRule],
+    beta: float,
+    replace_activations: bool,
+) -> tuple[list[str], list[str]]:
+    """Replace every call that a rule matches; return the labels of replaced activations and BNs."""
+    graph = graph_module.graph
+    modules = dict(graph_module.named_modules())
+    sites_seen: Counter[str] = Counter()
+    activations: list[str] = []
+    batchnorms: list[str] = []
+    active_rules = [rule for rule in rules if replace_activations or rule.kind != "activation"]
+    for node in list(graph.nodes):
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        module = modules.get(node.target) if node.op == "call_module" else None
+        ctx = RuleContext(node, module, graph_module, beta, replace_activations)
+        rule = next((rule for rule in active_rules if rule.matches(ctx)), None)
+        if rule is None:
+            continue
+        replacement = rule.build(ctx)
+        if node.op == "call_module":
+            site = sites_seen[node.target]
+            sites_seen[node.target] += 1
+            # Each call site of a shared module gets its own replacement (one beta per site).
+            # The first takes the original path; later ones match against `modules`, not the root.
+            target = node.target if site == 0 else _free_name(graph_module, f"{node.target}_{site}")
+        else:
+            scope = _scope(node)
+            target = _free_name(graph_module, f"{scope}.lcnn_{node.name}" if scope else f"lcnn_{node.name}")
+        graph_module.add_submodule(target, replacement)
+        source = node.args[0] if node.args else next(iter(node.kwargs.values()))
+        with graph.inserting_before(node):
+            new_node = graph.call_module(target, (source,))
+        new_node.meta = dict(node.meta)
+        node.replace_all_uses_with(new_node)
+        if rule.inplace(ctx) and isinstance(source, fx.Node):
+            _rewire_inplace(graph, source, node, new_node)
+        graph.erase_node(node)
+        label = target
+        softplus_count, bn_count = count_layers(replacement)
+        activations += [label] * softplus_count
+        batchnorms += [label] * bn_count
+    graph.eliminate_dead_code()
+    graph.lint()
+    graph_module.recompile()
+    return activations, batchnorms
+
+
+def list_unconverted(graph_module: fx.GraphModule, replace_activations: bool) -> list[Skipped]:
+    """Activations and BatchNorms still in the graph after the rules ran, with the reason."""
+    modules = dict(graph_module.named_modules())
+    skipped = []
+    for node in graph_module.graph.nodes:
+        name = None
+        if node.op == "call_module":
+            module = modules[node.target]
+            name = type(module).__name__
+            if not isinstance(module, LCNN_LAYERS) and (isinstance(module, _NormBase) or "BatchNorm" in name):
+                reason = (
+                    "BatchNorm without running statistics (track_running_stats=False)"
+                    if getattr(module, "running_var", None) is None
+                    else f"{name} is a BatchNorm subclass with its own forward; no rule for it"
+                )
+                skipped.append(Skipped(node_label(node), "batchnorm", reason))
+                continue
+            for child in module.modules():
+                child_name = type(child).__name__
+                if child_name in OTHER_ACTIVATION_NAMES and not isinstance(child, CenteredSoftplus):
+                    skipped.append(Skipped(node_label(node), "activation", _activation_reason(child_name, replace_activations)))
+                    break
+        elif node.op in ("call_function", "call_method"):
+            name = getattr(node.target, "__name__", str(node.target))
+            if name in OTHER_ACTIVATION_FUNCTIONS:
+                skipped.append(Skipped(node_label(node), "activation", _activation_reason(name, replace_activations)))
+            elif name == "batch_norm":
+                reason = "functional batch_norm whose statistics are not module attributes"
+                skipped.append(Skipped(node_label(node), "batchnorm", reason))
+    return skipped
+
+
+def _activation_reason(name: str, replace_activations: bool) -> str:
+    if name.lower().rstrip("_") in ("relu", "softplus"):
+        return f"{name} kept: replace_activations=False"
+    return f"{name} is not ReLU/softplus; left as is"
+
+
+def capture_input_shapes(model: nn.Module, example: tuple[torch.Tensor, ...]) -> dict[str, tuple[int, ...]]:
+    """Per-example input shape of every conv and linear layer, from one forward pass."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for path, module in model.named_modules():
+        if type(module) in (*CONV_TYPES, nn.Linear):
+
+            def record(module, args, path=path):
+                shapes.setdefault(path, tuple(args[0].shape[1:]))
+
+            handles.append(module.register_forward_pre_hook(record))
+    try:
+        with torch.no_grad():
+            model(*(tensor[:1] for tensor in example))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def _absorbing_norm(node: fx.Node, modules: dict[str, nn.Module], calls: Counter[str]) -> nn.Module | None:
+    """The Lipschitz BN that reads only this node's output and nothing else, if there is one."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_module" or calls[users[0].target] != 1:
+        return None
+    follower = modules[users[0].target]
+    if not hasattr(follower, "absorb_input_scale") or users[0].args[:1] != (node,):
+        return None
+    return follower
+
+
+def normalize_linear_layers(
+    model: nn.Module,
+    shapes: dict[str, tuple[int, ...]],
+    graph: fx.Graph | None,
+    estimate: bool = True,
+) -> tuple[list[str], list[Skipped]]:
+    """Divide every conv and linear by its operator norm, pushing 1/sigma into a following BN.
+
+    Without a graph (module swap) nothing is known about what follows a layer, so every layer
+    keeps its slope as an explicit scale. ``estimate=False`` builds the structure only (the
+    values come from a saved state dict).
+    """
+    modules = dict(model.named_modules())
+    calls = _module_calls(graph) if graph is not None else Counter()
+    nodes = {node.target: node for node in graph.nodes if node.op == "call_module"} if graph is not None else {}
+    normalized, skipped = [], []
+    for path, module in modules.items():
+        is_conv = type(module) in CONV_TYPES
+        if not (is_conv or type(module) is nn.Linear):
+            if isinstance(module, (*CONV_TYPES, nn.Linear)) and (graph is None or path in nodes):
+                reason = f"{type(module).__name__} subclasses {type(module).__mro__[1].__name__} with its own forward"
+                skipped.append(Skipped(path, "linear", reason + "; not normalized"))
+            continue
+        if graph is not None and path not in nodes:
+            continue
+        if estimate and path not in shapes:
+            skipped.append(Skipped(path, "linear", "not reached by the example input; not normalized"))
+            continue
+        norm = _absorbing_norm(nodes[path], modules, calls) if path in nodes and calls[path] == 1 else None
+        sigma = None if estimate else 1.0
+        if is_conv:
+            shape = shapes.get(path) or (module.in_channels, *([1] * (module.weight.dim() - 2)))
+            layer, sigma = NormalizedConv.from_conv(module, shape, explicit_scale=norm is None, sigma=sigma)
+        else:
+            layer, sigma = NormalizedLinear.from_linear(module, explicit_scale=norm is None, sigma=sigma)
+        if norm is not None:
+            norm.absorb_input_scale(sigma)
+        model.set_submodule(path, layer)
+        normalized.append(path)
+    return normalized, skipped

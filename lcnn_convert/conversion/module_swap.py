@@ -1,0 +1,80 @@
+"""Fallback for models that torch.fx cannot trace: swap modules in place.
+
+Without a graph, calls that are not modules (F.relu in a forward, x.relu_()) cannot be replaced;
+they are found by running the model once under a TorchFunctionMode and listed in the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..layers import LCNN_LAYERS
+from .graph_pass import count_layers
+from .report import Skipped
+from .rules import ReplacementRule, RuleContext
+
+WATCHED_FUNCTIONS = {
+    F.relu: "activation", torch.relu: "activation", F.relu_: "activation", torch.relu_: "activation",
+    torch.Tensor.relu: "activation", torch.Tensor.relu_: "activation", F.softplus: "activation",
+    F.batch_norm: "batchnorm",
+}  # fmt: skip
+
+
+def swap_modules(
+    model: nn.Module, rules: Sequence[ReplacementRule], beta: float, replace_activations: bool
+) -> tuple[list[str], list[str]]:
+    """Apply the module rules to every submodule; return the replaced activation and BN paths."""
+    activations, batchnorms = [], []
+    active_rules = [rule for rule in rules if replace_activations or rule.kind != "activation"]
+    for path, module in list(model.named_modules()):
+        if not path or any(path.startswith(done + ".") for done in activations + batchnorms):
+            continue
+        ctx = RuleContext(None, module, model, beta, replace_activations)
+        rule = next((rule for rule in active_rules if rule.matches(ctx)), None)
+        if rule is None:
+            continue
+        replacement = rule.build(ctx)
+        model.set_submodule(path, replacement)
+        softplus_count, bn_count = count_layers(replacement)
+        activations += [path] * softplus_count
+        batchnorms += [path] * bn_count
+    return activations, batchnorms
+
+
+class _FunctionalCallRecorder(TorchFunctionMode):
+    def __init__(self, module_stack: list[tuple[str, nn.Module]]) -> None:
+        super().__init__()
+        self.module_stack = module_stack
+        self.calls: dict[tuple[str, str], str] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kind = WATCHED_FUNCTIONS.get(func)
+        if kind is not None and not any(isinstance(module, LCNN_LAYERS) for _, module in self.module_stack):
+            scope = self.module_stack[-1][0] if self.module_stack else ""
+            self.calls.setdefault((scope, getattr(func, "__name__", str(func))), kind)
+        return func(*args, **(kwargs or {}))
+
+
+def find_functional_calls(model: nn.Module, example: tuple[torch.Tensor, ...], why: str) -> list[Skipped]:
+    """Run ``model`` once and list the relu/softplus/batch_norm calls made outside LCNN layers."""
+    stack: list[tuple[str, nn.Module]] = []
+    handles = []
+    for path, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, a, path=path: stack.append((path, m))))
+        handles.append(module.register_forward_hook(lambda m, a, o: stack.pop()))
+    recorder = _FunctionalCallRecorder(stack)
+    try:
+        with torch.no_grad(), recorder:
+            model(*(tensor[:1] for tensor in example))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [
+        Skipped(f"{scope or '<root>'}:{name}", kind, f"functional call not replaced: {why}")
+        for (scope, name), kind in recorder.calls.items()
+    ]

@@ -1,0 +1,163 @@
+"""gamma-Lipschitz batch normalization, built from an existing BatchNorm."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _log_at_least(value: float) -> float:
+    """The float32 log whose exp is >= value, so that min(1, gamma / value) is exactly 1."""
+    log_value = np.float32(math.log(value))
+    while np.exp(log_value) < np.float32(value):
+        log_value = np.nextafter(log_value, np.float32(np.inf))
+    return float(log_value)
+
+
+class LipschitzBatchNorm(nn.Module):
+    """y_c = clip * w_c * (x_c - mean_c) / sqrt(var_c + eps) + b_c, clip = min(1, gamma / max_c |g_c|).
+
+    g_c = w_c / sqrt(running_var_c + eps) are the eval-mode channel gains. The clip factor keeps
+    their ratios and bounds the layer's Lipschitz constant (in eval mode) by gamma = exp(log_gamma).
+    gamma starts at max_c |g_c|, which makes the layer equal to the BatchNorm it came from. In train
+    mode the normalisation uses batch statistics exactly like BatchNorm (the clip factor always uses
+    the running variance), so fine-tuning behaves as it would with the original layer.
+    Works for 1d, 2d and 3d inputs alike.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        use_batch_stats: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = float(eps)
+        self.momentum = momentum
+        self.use_batch_stats = use_batch_stats
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.log_gamma = nn.Parameter(torch.zeros(()))
+        self.reset_gamma()
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module, use_batch_stats: bool = True) -> LipschitzBatchNorm:
+        """Copy a BatchNorm-like module (BatchNormNd, SyncBatchNorm, FrozenBatchNorm2d, ...)."""
+        return cls.from_tensors(
+            weight=getattr(bn, "weight", None),
+            bias=getattr(bn, "bias", None),
+            running_mean=bn.running_mean,
+            running_var=bn.running_var,
+            eps=bn.eps,
+            momentum=getattr(bn, "momentum", 0.1),
+            use_batch_stats=use_batch_stats,
+            num_batches_tracked=getattr(bn, "num_batches_tracked", None),
+        )
+
+    @classmethod
+    def from_tensors(
+        cls,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        eps: float,
+        momentum: float | None = 0.1,
+        use_batch_stats: bool = True,
+        num_batches_tracked: torch.Tensor | None = None,
+    ) -> LipschitzBatchNorm:
+        layer = cls(running_mean.numel(), eps=eps, momentum=momentum, use_batch_stats=use_batch_stats)
+        layer.to(device=running_mean.device, dtype=running_mean.dtype)
+        with torch.no_grad():
+            if weight is not None:
+                layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+            layer.running_mean.copy_(running_mean)
+            layer.running_var.copy_(running_var)
+            if num_batches_tracked is not None:
+                layer.num_batches_tracked.copy_(num_batches_tracked)
+        if not use_batch_stats:
+            layer.weight.requires_grad_(False)
+            layer.bias.requires_grad_(False)
+        layer.reset_gamma()
+        return layer
+
+    def channel_gains(self) -> torch.Tensor:
+        """|g_c|: the eval-mode per-channel slopes before clipping."""
+        return self.weight.abs() / torch.sqrt(self.running_var + self.eps)
+
+    def clip_factor(self) -> torch.Tensor:
+        return torch.clamp(self.log_gamma.exp() / self.channel_gains().max(), max=1.0)
+
+    @torch.no_grad()
+    def reset_gamma(self) -> None:
+        """Set gamma to max |g_c|: the layer then equals the unconstrained BatchNorm exactly."""
+        self.log_gamma.fill_(_log_at_least(float(self.channel_gains().max())))
+
+    @torch.no_grad()
+    def absorb_input_scale(self, scale: float) -> None:
+        """Make the layer give the same output for inputs divided by ``scale``.
+
+        Used when the preceding conv is divided by its operator norm: mean / s, var / s^2 and
+        eps / s^2 make BN(conv(x) / s) == BN_old(conv(x)).
+        """
+        self.running_mean.div_(scale)
+        self.running_var.div_(scale**2)
+        self.eps = self.eps / scale**2
+        self.reset_gamma()
+
+    def lipschitz_constant(self) -> float:
+        """Eval-mode Lipschitz constant: max_c |clip * g_c| = min(gamma, max_c |g_c|)."""
+        with torch.no_grad():
+            return float((self.clip_factor() * self.channel_gains()).max())
+
+    def curvature_constant(self) -> float:
+        return 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch_stats = self.training and self.use_batch_stats
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if batch_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight * self.clip_factor(),
+            self.bias,
+            batch_stats,
+            momentum,
+            self.eps,
+        )
+
+    def extra_repr(self) -> str:
+        gamma = float(self.log_gamma.detach().exp())
+        return f"{self.num_features}, eps={self.eps:.3g}, momentum={self.momentum}, gamma={gamma:.4g}"
+
+
+class LipschitzBatchNormAct(nn.Module):
+    """timm's BatchNormAct2d after conversion: Lipschitz BN, then its drop layer and activation."""
+
+    def __init__(self, bn: LipschitzBatchNorm, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.bn = bn
+        self.drop = drop
+        self.act = act
+
+    def absorb_input_scale(self, scale: float) -> None:
+        self.bn.absorb_input_scale(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(self.bn(x)))

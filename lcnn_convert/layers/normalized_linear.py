@@ -1,0 +1,199 @@
+"""Convolutions and linear layers divided by their operator spectral norm.
+
+The operator norm of a convolution depends on the size of its input (padding and stride), so it is
+found by power iteration on the operator itself, applied to a single example of the layer's real
+input shape: v <- A^T A v, sigma = ||A v||. A^T comes from autograd, which makes it exact for any
+stride, dilation, groups and padding mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONVERSION_ITERATIONS = 50
+CONVERSION_TOLERANCE = 1e-5
+
+
+class _OperatorNormalized(nn.Module):
+    """Shared machinery: weight / sigma(weight), optionally times an explicit slope ``scale``.
+
+    ``sigma`` is the stored norm estimate used in eval mode; in train mode every forward pass runs
+    one more power-iteration step (as spectral normalisation does) and uses a sigma that is
+    differentiable with respect to the weight. ``scale`` exists only where no BatchNorm follows to
+    absorb the layer's original slope; it is the layer's Lipschitz constant.
+    """
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _init_normalization(self, input_shape: Sequence[int], explicit_scale: bool) -> None:
+        self.register_buffer("sigma", torch.ones((), device=self.weight.device))
+        self.register_buffer("input_shape", torch.tensor(list(input_shape), dtype=torch.long))
+        self.register_buffer("_power_vector", None, persistent=False)
+        self.scale = nn.Parameter(torch.ones((), device=self.weight.device)) if explicit_scale else None
+
+    def _operator(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _power_step(self, vector: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            vector = vector.detach().requires_grad_(True)
+            image = self._operator(vector, weight)
+            (gram,) = torch.autograd.grad(image, vector, image)
+        return gram / gram.norm().clamp_min(1e-12)
+
+    def _start_vector(self, shape: Sequence[int]) -> torch.Tensor:
+        vector = self._power_vector
+        if vector is None or tuple(vector.shape[1:]) != tuple(shape):
+            generator = torch.Generator(device="cpu").manual_seed(0)
+            vector = torch.randn((1, *shape), generator=generator).to(self.weight)
+            vector = vector / vector.norm()
+        return vector
+
+    @torch.no_grad()
+    def estimate_operator_norm(
+        self,
+        iterations: int = CONVERSION_ITERATIONS,
+        tolerance: float = CONVERSION_TOLERANCE,
+        weight: torch.Tensor | None = None,
+    ) -> float:
+        """Power-iterate to convergence and return ||A|| of ``weight`` (default: the raw weight)."""
+        weight = self.weight.detach() if weight is None else weight.detach()
+        vector = self._start_vector(self.input_shape.tolist())
+        previous = 0.0
+        for _ in range(iterations):
+            vector = self._power_step(vector, weight)
+            estimate = float(self._operator(vector, weight).norm())
+            if abs(estimate - previous) <= tolerance * estimate:
+                break
+            previous = estimate
+        self._power_vector = vector
+        return estimate
+
+    def _training_sigma(self, input_shape: Sequence[int]) -> torch.Tensor:
+        if self._power_vector is None or tuple(self._power_vector.shape[1:]) != tuple(input_shape):
+            self.input_shape = torch.tensor(list(input_shape), dtype=torch.long)
+            self.estimate_operator_norm()
+        vector = self._power_step(self._power_vector, self.weight.detach())
+        self._power_vector = vector
+        sigma = self._operator(vector, self.weight).norm()
+        with torch.no_grad():
+            self.sigma.copy_(sigma)
+        return sigma
+
+    def normalized_weight(self, input_shape: Sequence[int] | None = None) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            sigma = self._training_sigma(input_shape or self.input_shape.tolist())
+        else:
+            sigma = self.sigma
+        return self.weight / sigma
+
+    def lipschitz_constant(self) -> float:
+        return abs(float(self.scale.detach())) if self.scale is not None else 1.0
+
+    def curvature_constant(self) -> float:
+        return 0.0
+
+    @torch.no_grad()
+    def _normalize_from(self, source: nn.Module, sigma: float | None) -> float:
+        """Copy ``source``'s parameters and divide them by its operator norm.
+
+        With an explicit scale, scale = sigma and the layer is unchanged. Without one, the bias is
+        divided by sigma as well and the caller must let the next layer absorb 1/sigma.
+        """
+        self.weight.copy_(source.weight)
+        if sigma is None:
+            sigma = self.estimate_operator_norm()
+        self.sigma.fill_(sigma)
+        if self.bias is not None:
+            self.bias.copy_(source.bias if self.scale is not None else source.bias / sigma)
+        if self.scale is not None:
+            self.scale.fill_(sigma)
+        return sigma
+
+
+class NormalizedConv(_OperatorNormalized):
+    """A Conv1d/2d/3d whose weight is divided by its operator norm at the layer's input size."""
+
+    def __init__(self, conv: nn.Module, input_shape: Sequence[int], explicit_scale: bool) -> None:
+        super().__init__()
+        self.dims = conv.weight.dim() - 2
+        self.in_channels = conv.in_channels
+        self.out_channels = conv.out_channels
+        self.kernel_size = conv.kernel_size
+        self.stride = conv.stride
+        self.padding = conv.padding
+        self.dilation = conv.dilation
+        self.groups = conv.groups
+        self.padding_mode = conv.padding_mode
+        self._reversed_padding_repeated_twice = getattr(conv, "_reversed_padding_repeated_twice", None)
+        self.weight = nn.Parameter(torch.empty_like(conv.weight))
+        self.bias = nn.Parameter(torch.empty_like(conv.bias)) if conv.bias is not None else None
+        self._init_normalization(input_shape, explicit_scale)
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Module,
+        input_shape: Sequence[int],
+        explicit_scale: bool,
+        sigma: float | None = None,
+    ) -> tuple[NormalizedConv, float]:
+        layer = cls(conv, input_shape, explicit_scale)
+        return layer, layer._normalize_from(conv, sigma)
+
+    def _operator(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return conv(x, weight, None, self.stride, 0, self.dilation, self.groups)
+        return conv(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._operator(x, self.normalized_weight(x.shape[1:]))
+        if self.scale is not None:
+            y = y * self.scale
+        return y + self.bias.view(-1, *([1] * self.dims)) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        scale = f", scale={float(self.scale.detach()):.4g}" if self.scale is not None else ""
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, groups={self.groups}, sigma={float(self.sigma):.4g}{scale}"
+        )
+
+
+class NormalizedLinear(_OperatorNormalized):
+    """An nn.Linear divided by its spectral norm (independent of the input size)."""
+
+    def __init__(self, linear: nn.Linear, explicit_scale: bool) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = nn.Parameter(torch.empty_like(linear.weight))
+        self.bias = nn.Parameter(torch.empty_like(linear.bias)) if linear.bias is not None else None
+        self._init_normalization((linear.in_features,), explicit_scale)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, explicit_scale: bool, sigma: float | None = None
+    ) -> tuple[NormalizedLinear, float]:
+        layer = cls(linear, explicit_scale)
+        return layer, layer._normalize_from(linear, sigma)
+
+    def _operator(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.normalized_weight())
+        if self.scale is not None:
+            y = y * self.scale
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        scale = f", scale={float(self.scale.detach()):.4g}" if self.scale is not None else ""
+        return f"{self.in_features}, {self.out_features}, sigma={float(self.sigma):.4g}{scale}"

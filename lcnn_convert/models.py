@@ -1,0 +1,283 @@
+"""Stage 1, load: model names -> nn.Module, with pretrained or local weights.
+
+Names follow the two libraries' own conventions: ``resnet18`` (torchvision first, then timm),
+``torchvision:resnet18`` or ``timm:resnet18``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .errors import LcnnError
+
+Source = Literal["torchvision", "timm"]
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+DEFAULT_INPUT_SIZE = (3, 224, 224)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: Source
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.name}"
+
+
+@lru_cache(maxsize=1)
+def torchvision_classifiers() -> tuple[str, ...]:
+    import torchvision
+
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+@lru_cache(maxsize=1)
+def timm_models() -> tuple[str, ...]:
+    import timm
+
+    return tuple(timm.list_models())
+
+
+def resolve_model_name(name: str) -> ModelSpec:
+    """Map a user's model name to a library and a model, or fail with the closest names."""
+    source, _, bare = name.rpartition(":")
+    bare = bare.strip()
+    if source and source not in ("torchvision", "timm"):
+        raise LcnnError(f"unknown model source '{source}' in '{name}': use torchvision:NAME or timm:NAME")
+    if source in ("", "torchvision") and bare in torchvision_classifiers():
+        return ModelSpec("torchvision", bare)
+    if source in ("", "timm"):
+        import timm
+
+        if bare in timm_models() or (("." in bare) and timm.is_model(bare)):
+            return ModelSpec("timm", bare)
+    candidates = {
+        "": torchvision_classifiers() + timm_models(),
+        "torchvision": torchvision_classifiers(),
+        "timm": timm_models(),
+    }[source]
+    close = difflib.get_close_matches(bare, list(dict.fromkeys(candidates)), n=5, cutoff=0.6)
+    where = f"{source} " if source else "torchvision or timm "
+    hint = f"; closest: {', '.join(close)}" if close else ""
+    raise LcnnError(f"unknown model '{name}': not a {where}classification model{hint}")
+
+
+def find_classifier(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The classification head: timm's get_classifier(), else the last Linear (or Conv) layer."""
+    named = dict(model.named_modules())
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        head = get_classifier()
+        for path, module in named.items():
+            if module is head and isinstance(head, (nn.Linear, nn.Conv2d)):
+                return path, module
+    for kinds in ((nn.Linear,), (nn.Conv2d,)):
+        last = [(path, module) for path, module in named.items() if type(module) in kinds]
+        if last:
+            return last[-1]
+    return None
+
+
+def classifier_classes(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def reset_head(model: nn.Module, num_classes: int) -> None:
+    """Give ``model`` a fresh, randomly initialised head with ``num_classes`` outputs."""
+    reset_classifier = getattr(model, "reset_classifier", None)
+    if callable(reset_classifier):
+        reset_classifier(num_classes)
+        return
+    found = find_classifier(model)
+    if found is None:
+        raise LcnnError(f"cannot find the classification head of {type(model).__name__} to resize it")
+    path, head = found
+    if isinstance(head, nn.Linear):
+        new_head = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
+    else:
+        new_head = nn.Conv2d(head.in_channels, num_classes, head.kernel_size, head.stride, head.padding)
+    model.set_submodule(path, new_head.to(head.weight))
+    if hasattr(model, "num_classes"):
+        model.num_classes = num_classes
+
+
+def _build(spec: ModelSpec, pretrained: bool, num_classes: int | None) -> nn.Module:
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if spec.source == "timm":
+        import timm
+
+        return timm.create_model(spec.name, pretrained=pretrained, **kwargs)
+    import torchvision
+
+    if not pretrained:
+        return torchvision.models.get_model(spec.name, weights=None, **kwargs)
+    weights = torchvision.models.get_model_weights(spec.name).DEFAULT
+    model = torchvision.models.get_model(spec.name, weights=weights)
+    if num_classes is not None and num_classes != len(weights.meta["categories"]):
+        reset_head(model, num_classes)
+    return model
+
+
+def _build_pretrained(spec: ModelSpec, num_classes: int | None) -> nn.Module:
+    try:
+        return _build(spec, pretrained=True, num_classes=num_classes)
+    except (OSError, RuntimeError, ValueError, ImportError) as error:
+        # Downloads fail in many library-specific ways (URLError, HTTP errors, hub errors);
+        # all of them are OSError/RuntimeError subclasses.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LcnnError(
+            f"could not get pretrained weights for {spec} ({reason[:160]}); "
+            "pass --weights PATH to use a local checkpoint, or --no-pretrained for random weights"
+        ) from error
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint safely: safetensors, or a torch file with ``weights_only=True``.
+
+    Accepts a plain state dict or one wrapped as {"state_dict": ...} / {"model": ...}; strips the
+    ``module.`` prefix that DataParallel/DDP adds. Never executes code stored in a pickle.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LcnnError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            loaded: Any = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise LcnnError(f"cannot read weights file {path}: not a valid safetensors file ({error})") from error
+    else:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise LcnnError(
+                f"refusing to load {path}: it holds Python objects besides tensors and is only read "
+                "with weights_only=True; re-save it as a plain state dict or .safetensors"
+            ) from error
+        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise LcnnError(f"cannot read weights file {path}: not a PyTorch checkpoint ({reason[:120]})") from error
+    for _ in range(3):
+        if isinstance(loaded, Mapping):
+            wrapped = next((loaded[key] for key in WRAPPER_KEYS if isinstance(loaded.get(key), Mapping)), None)
+            if wrapped is not None:
+                loaded = wrapped
+    if not isinstance(loaded, Mapping) or not loaded:
+        raise LcnnError(f"cannot read weights file {path}: expected a state dict of tensors")
+    state = {}
+    for key, value in loaded.items():
+        if not isinstance(value, torch.Tensor):
+            raise LcnnError(f"cannot read weights file {path}: entry '{key}' is not a tensor")
+        state[key.removeprefix("module.")] = value
+    bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise LcnnError(f"weights file {path} holds NaN or Inf values (in {len(bad)} tensors, e.g. '{bad[0]}')")
+    return state
+
+
+def _head_classes_in(state: Mapping[str, torch.Tensor], spec: ModelSpec) -> tuple[str, int] | None:
+    skeleton = _build(spec, pretrained=False, num_classes=None)
+    found = find_classifier(skeleton)
+    if found is None:
+        return None
+    key = f"{found[0]}.weight"
+    return (key, int(state[key].shape[0])) if key in state else None
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str) -> None:
+    """load_state_dict(strict=True) with the mismatch summarised in one line."""
+    own = model.state_dict()
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    wrong_shape = [key for key in own if key in state and own[key].shape != state[key].shape]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. '{keys[0]}')")
+        raise LcnnError(f"{origin} does not match {type(model).__name__}: {', '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(
+    name: str,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    num_classes: int | None = None,
+) -> nn.Module:
+    """Build a torchvision or timm classifier by name, with its weights, in eval mode.
+
+    ``weights`` (a local state dict) wins over ``pretrained``. With local weights and no
+    ``num_classes``, the class count is read from the checkpoint's head.
+    """
+    model, _ = load_model_with_spec(name, pretrained=pretrained, weights=weights, num_classes=num_classes)
+    return model
+
+
+def load_model_with_spec(
+    name: str,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    num_classes: int | None = None,
+) -> tuple[nn.Module, ModelSpec]:
+    if num_classes is not None and num_classes < 1:
+        raise LcnnError(f"num_classes must be a positive integer, got {num_classes}")
+    spec = resolve_model_name(name)
+    if weights is not None:
+        state = read_state_dict(weights)
+        head = _head_classes_in(state, spec)
+        if head is not None and num_classes is not None and head[1] != num_classes:
+            raise LcnnError(
+                f"{weights} has a {head[1]}-class head ('{head[0]}') but num_classes={num_classes} was asked for"
+            )
+        if num_classes is None and head is not None:
+            num_classes = head[1]
+        model = _build(spec, pretrained=False, num_classes=num_classes)
+        load_weights(model, state, f"weights file {weights}")
+    elif pretrained:
+        model = _build_pretrained(spec, num_classes)
+    else:
+        model = _build(spec, pretrained=False, num_classes=num_classes)
+    return model.eval(), spec
+
+
+def data_config(model: nn.Module, spec: ModelSpec | None = None) -> dict[str, Any]:
+    """Input size, mean, std and interpolation the model expects (timm's or torchvision's)."""
+    pretrained_cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(pretrained_cfg, Mapping) and pretrained_cfg.get("input_size"):
+        return {
+            "input_size": tuple(pretrained_cfg["input_size"]),
+            "mean": tuple(pretrained_cfg.get("mean", IMAGENET_MEAN)),
+            "std": tuple(pretrained_cfg.get("std", IMAGENET_STD)),
+            "interpolation": pretrained_cfg.get("interpolation", "bilinear"),
+        }
+    if spec is not None and spec.source == "torchvision":
+        import torchvision
+
+        try:
+            transforms = torchvision.models.get_model_weights(spec.name).DEFAULT.transforms()
+        except (ValueError, AttributeError):
+            transforms = None
+        if transforms is not None:
+            size = transforms.crop_size[0]
+            return {
+                "input_size": (3, size, size),
+                "mean": tuple(transforms.mean),
+                "std": tuple(transforms.std),
+                "interpolation": transforms.interpolation.value,
+            }
+    return {"input_size": DEFAULT_INPUT_SIZE, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear"}
