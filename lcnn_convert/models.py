@@ -81,7 +81,7 @@ def find_classifier(model: nn.Module) -> tuple[str, nn.Module] | None:
     if callable(get_classifier):
         head = get_classifier()
         for path, module in named.items():
-            if module is head and isinstance(head, (nn.Linear, nn.Conv2d)):
+            if module is head and (hasattr(head, "out_features") or hasattr(head, "out_channels")):
                 return path, module
     for kinds in ((nn.Linear,), (nn.Conv2d,)):
         last = [(path, module) for path, module in named.items() if type(module) in kinds]
@@ -91,7 +91,7 @@ def find_classifier(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 def classifier_classes(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    return module.out_features if hasattr(module, "out_features") else module.out_channels
 
 
 def reset_head(model: nn.Module, num_classes: int) -> None:

@@ -116,6 +116,14 @@ class LipschitzBatchNorm(nn.Module):
         self.eps = self.eps / scale**2
         self.reset_gamma()
 
+    def get_extra_state(self) -> torch.Tensor:
+        # eps changes when a conv's scale is absorbed; keep it in the state dict (as a tensor,
+        # so that safetensors can hold it) to rebuild the exact layer.
+        return torch.tensor(self.eps, dtype=torch.float64)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.eps = float(state)
+
     def lipschitz_constant(self) -> float:
         """Eval-mode Lipschitz constant: max_c |clip * g_c| = min(gamma, max_c |g_c|)."""
         with torch.no_grad():

@@ -1,0 +1,133 @@
+"""The ``lcnn-convert`` command: a thin layer over lcnn_convert's Python API.
+
+``lcnn-convert MODEL [OPTIONS]`` is short for ``lcnn-convert convert MODEL [OPTIONS]``; other
+subcommands (``verify``) sit beside it. Every user error ends as one line on stderr and a
+non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+
+from .errors import LcnnError
+
+app = typer.Typer(
+    name="lcnn-convert",
+    help=(
+        "Convert a pretrained torchvision/timm CNN into a low-curvature network (LCNN), export it to "
+        "ONNX and prove parity in onnxruntime.\n\n"
+        "Main form: lcnn-convert MODEL [OPTIONS] (the same as lcnn-convert convert MODEL [OPTIONS])."
+    ),
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+COMMANDS = ("convert", "verify")
+
+
+@app.command("convert")
+def convert_command(
+    model: Annotated[str, typer.Argument(help="Model name: resnet18, torchvision:resnet18 or timm:efficientnet_b0.")],
+    weights: Annotated[
+        Optional[Path],
+        typer.Option(help="Local state dict (.pth/.pt read with weights_only=True, or .safetensors)."),
+    ] = None,
+    pretrained: Annotated[
+        bool, typer.Option("--pretrained/--no-pretrained", help="Download the library's pretrained weights.")
+    ] = True,
+    num_classes: Annotated[
+        Optional[int], typer.Option(help="Classes of the head; read from --weights when not given.")
+    ] = None,
+    beta: Annotated[
+        str, typer.Option(help="'auto' (calibrate per activation site) or a fixed softplus sharpness > 0.")
+    ] = "auto",
+    image_size: Annotated[
+        Optional[int], typer.Option(help="Square input size; default: the model's own data config.")
+    ] = None,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Output dir (default ./lcnn-out/MODEL).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output dir.")] = False,
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 17,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (used for conversion).")] = "auto",
+    atol: Annotated[float, typer.Option(help="Parity gate on the logits' max abs difference.")] = 1e-4,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration and verification inputs.")] = 0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print report.json instead of tables.")] = False,
+) -> None:
+    """Convert MODEL, write model.onnx, model.safetensors and report.json, and check ONNX parity."""
+    from .pipeline import ConversionJob, parse_beta, run_conversion
+    from .report import print_report
+
+    job = ConversionJob(
+        model=model, weights=weights, pretrained=pretrained, num_classes=num_classes, beta=parse_beta(beta),
+        image_size=image_size, output=output, overwrite=overwrite, opset=opset, device=device, atol=atol, seed=seed,
+    )  # fmt: skip
+    report = run_conversion(job)
+    if json_output:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report, Console())
+        Console(stderr=True).print(f"wrote {report['output_dir']}")
+    failure = _parity_failure(report["parity"])
+    if failure:
+        raise LcnnError(failure)
+
+
+@app.command("verify")
+def verify_command(
+    directory: Annotated[Path, typer.Argument(help="An output dir written by lcnn-convert.")],
+    atol: Annotated[float, typer.Option(help="Parity gate on the logits' max abs difference.")] = 1e-4,
+    num_inputs: Annotated[int, typer.Option(help="Random inputs to compare on.")] = 16,
+) -> None:
+    """Re-check an output dir: rebuild the model from model.safetensors and compare model.onnx."""
+    from .artifacts import ONNX_FILE, load
+    from .verify import verify_onnx
+
+    model = load(directory)
+    onnx_path = directory / ONNX_FILE
+    if not onnx_path.is_file():
+        raise LcnnError(f"no {ONNX_FILE} in {directory}")
+    result = verify_onnx(model, onnx_path, num_random=num_inputs, atol=atol)
+    print(result)
+    if not result.passed:
+        raise LcnnError(result.failure())
+
+
+def _parity_failure(parity: dict) -> str | None:
+    if parity["passed"]:
+        return None
+    return (
+        f"ONNX parity failed: max abs diff {parity['max_abs_diff']} (atol {parity['atol']}), "
+        f"top-1 agreement {parity['top1_agreement']:.2%}; outputs kept for inspection"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] not in COMMANDS and not args[0].startswith("-"):
+        args.insert(0, "convert")
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=args, prog_name="lcnn-convert", standalone_mode=False)
+    except LcnnError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except click.exceptions.UsageError as error:
+        print(f"error: {error.format_message()} (see lcnn-convert --help)", file=sys.stderr)
+        return 2
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

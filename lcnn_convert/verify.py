@@ -1,0 +1,119 @@
+"""Stage 5, verify: onnxruntime (CPU) against PyTorch eval mode on the same inputs."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .conversion.calibrate import first_tensor
+from .errors import LcnnError
+
+DEFAULT_ATOL = 1e-4
+DEFAULT_MIN_TOP1 = 1.0
+DEFAULT_RANDOM_INPUTS = 16
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """How far the ONNX logits are from PyTorch's. ``max_rel_diff`` = max |diff| / max |logit|."""
+
+    max_abs_diff: float
+    max_rel_diff: float
+    top1_agreement: float
+    num_inputs: int
+    atol: float
+    min_top1_agreement: float
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def failure(self) -> str | None:
+        """One line saying which gate failed and by how much, or None if it passed."""
+        if self.passed:
+            return None
+        problems = []
+        if not self.max_abs_diff <= self.atol:
+            problems.append(f"max abs diff {self.max_abs_diff:.3g} > atol {self.atol:.3g}")
+        if self.top1_agreement < self.min_top1_agreement:
+            problems.append(f"top-1 agreement {self.top1_agreement:.2%} < {self.min_top1_agreement:.2%}")
+        return "ONNX parity failed: " + "; ".join(problems) + f" over {self.num_inputs} inputs"
+
+    def __str__(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        return (
+            f"parity {verdict}: max abs diff {self.max_abs_diff:.3g} (atol {self.atol:.3g}), "
+            f"max rel diff {self.max_rel_diff:.3g}, top-1 agreement {self.top1_agreement:.2%} "
+            f"over {self.num_inputs} inputs"
+        )
+
+
+def onnx_session(path: str | Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LcnnError(f"onnxruntime cannot load {path}: {first_line[:200]}") from error
+
+
+def _input_shape(session, inputs: torch.Tensor | None) -> tuple[int, ...]:
+    if inputs is not None:
+        return tuple(inputs.shape[1:])
+    dims = session.get_inputs()[0].shape[1:]
+    if not all(isinstance(dim, int) for dim in dims):
+        raise LcnnError("the ONNX input has dynamic non-batch dimensions; pass example inputs to verify with")
+    return tuple(dims)
+
+
+def verify_onnx(
+    model: nn.Module,
+    path: str | Path,
+    inputs: torch.Tensor | None = None,
+    num_random: int = DEFAULT_RANDOM_INPUTS,
+    atol: float = DEFAULT_ATOL,
+    min_top1_agreement: float = DEFAULT_MIN_TOP1,
+    seed: int = 0,
+) -> ParityResult:
+    """Compare onnxruntime's logits with the PyTorch model's (eval mode, CPU, float32).
+
+    Runs ``num_random`` standard-normal inputs of the model's input shape, plus ``inputs`` (real
+    data) when given. Passes when max |diff| <= atol and top-1 agreement >= min_top1_agreement.
+    """
+    session = onnx_session(path)
+    shape = _input_shape(session, inputs)
+    generator = torch.Generator().manual_seed(seed)
+    batches = [torch.randn((num_random, *shape), generator=generator)] if num_random > 0 else []
+    if inputs is not None:
+        batches.append(inputs.detach().float().cpu())
+    if not batches:
+        raise LcnnError("nothing to verify on: num_random is 0 and no inputs were given")
+    batch = torch.cat(batches)
+    model = copy.deepcopy(model).cpu().float().eval()
+    with torch.no_grad():
+        expected = first_tensor(model(batch)).numpy()
+    input_name = session.get_inputs()[0].name
+    try:
+        actual = session.run(None, {input_name: batch.numpy()})[0]
+    except Exception as error:  # onnxruntime's own error types
+        raise LcnnError(f"onnxruntime failed to run {path}: {str(error).strip().splitlines()[0][:200]}") from error
+    if actual.shape != expected.shape:
+        raise LcnnError(f"ONNX output shape {actual.shape} differs from PyTorch's {expected.shape}")
+    difference = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+    max_abs = float(difference.max()) if difference.size else 0.0
+    scale = float(np.abs(expected).max()) if expected.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    agreement = float((actual.argmax(-1) == expected.argmax(-1)).mean())
+    finite = bool(np.isfinite(actual).all())
+    passed = finite and max_abs <= atol and agreement >= min_top1_agreement
+    return ParityResult(max_abs, max_rel, agreement, int(batch.shape[0]), atol, min_top1_agreement, passed)
