@@ -116,6 +116,7 @@ def convert_with_options(
     else:
         activations, batchnorms = swap_modules(converted, options.rules, initial_beta, options.replace_activations)
         normalized, skipped = normalize_linear_layers(converted, shapes, None, options.estimate_norms)
+        converted.eval()
         if options.estimate_norms:
             report.skipped = find_functional_calls(converted, example, f"fx tracing failed ({report.fallback_reason})")
     report.activations_replaced, report.batchnorms_replaced = activations, batchnorms

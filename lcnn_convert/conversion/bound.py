@@ -32,7 +32,7 @@ RESHAPING = {
     "flatten", "reshape", "view", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "getitem",
     "mean", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "avg_pool1d", "avg_pool2d",
     "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool2d", "dropout", "clone", "to",
-    "type_as", "float", "narrow", "chunk", "split", "identity", "pad",
+    "type_as", "float", "narrow", "chunk", "split", "unbind", "identity", "pad",
 }  # fmt: skip
 NOT_TENSORS = {"size", "dim", "getattr", "numel", "shape"}
 SUMS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}

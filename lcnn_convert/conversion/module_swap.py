@@ -64,9 +64,16 @@ def find_functional_calls(model: nn.Module, example: tuple[torch.Tensor, ...], w
     """Run ``model`` once and list the relu/softplus/batch_norm calls made outside LCNN layers."""
     stack: list[tuple[str, nn.Module]] = []
     handles = []
+
+    def enter(module: nn.Module, args: tuple, path: str) -> None:
+        stack.append((path, module))
+
+    def leave(module: nn.Module, args: tuple, output: object) -> None:
+        stack.pop()
+
     for path, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(lambda m, a, path=path: stack.append((path, m))))
-        handles.append(module.register_forward_hook(lambda m, a, o: stack.pop()))
+        handles.append(module.register_forward_pre_hook(lambda m, a, path=path: enter(m, a, path)))
+        handles.append(module.register_forward_hook(leave))
     recorder = _FunctionalCallRecorder(stack)
     try:
         with torch.no_grad(), recorder:

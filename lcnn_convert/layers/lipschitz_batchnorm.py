@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
+MIN_GAIN = 1e-12
+
+
 def _log_at_least(value: float) -> float:
     """The float32 log whose exp is >= value, so that min(1, gamma / value) is exactly 1."""
     log_value = np.float32(math.log(value))
@@ -97,12 +100,18 @@ class LipschitzBatchNorm(nn.Module):
         return self.weight.abs() / torch.sqrt(self.running_var + self.eps)
 
     def clip_factor(self) -> torch.Tensor:
-        return torch.clamp(self.log_gamma.exp() / self.channel_gains().max(), max=1.0)
+        largest_gain = self.channel_gains().max().clamp_min(MIN_GAIN)
+        return torch.clamp(self.log_gamma.exp() / largest_gain, max=1.0)
 
     @torch.no_grad()
     def reset_gamma(self) -> None:
-        """Set gamma to max |g_c|: the layer then equals the unconstrained BatchNorm exactly."""
-        self.log_gamma.fill_(_log_at_least(float(self.channel_gains().max())))
+        """Set gamma to max |g_c|: the layer then equals the unconstrained BatchNorm exactly.
+
+        A BN whose gains are all zero (timm's zero-initialised last BN of a residual block) gets
+        gamma = 1 instead: any gamma >= 0 preserves it, and 1 leaves room to learn.
+        """
+        largest_gain = float(self.channel_gains().max())
+        self.log_gamma.fill_(_log_at_least(largest_gain) if largest_gain > MIN_GAIN else 0.0)
 
     @torch.no_grad()
     def absorb_input_scale(self, scale: float) -> None:

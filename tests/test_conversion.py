@@ -1,0 +1,303 @@
+"""The graph pass on real architectures: coverage, function preservation, calibration, report."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import lcnn_convert as lc
+from lcnn_convert import CenteredSoftplus, LipschitzBatchNorm, NormalizedConv, NormalizedLinear
+from lcnn_convert.conversion import ReplacementRule, match_module
+from lcnn_convert.layers import LipschitzBatchNormAct
+
+from .conftest import randomize_batchnorms
+
+ARCHITECTURES = {
+    "tv-resnet18": (lambda: torchvision.models.resnet18(num_classes=10), dict(act=17, bn=20, lin=21)),
+    "tv-densenet121": (lambda: torchvision.models.densenet121(num_classes=10), dict(act=121, bn=121, lin=121)),
+    "tv-mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), dict(act=14, bn=34, lin=54)),
+    "timm-resnet18": (lambda: timm.create_model("resnet18", num_classes=10), dict(act=17, bn=20, lin=21)),
+    "timm-efficientnet_b0": (lambda: timm.create_model("efficientnet_b0", num_classes=10), dict(act=0, bn=49, lin=82)),
+    "timm-regnetx_002": (lambda: timm.create_model("regnetx_002", num_classes=10), dict(act=40, bn=44, lin=45)),
+    "timm-convnext_atto": (lambda: timm.create_model("convnext_atto", num_classes=10), dict(act=0, bn=0, lin=41)),
+}
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((output - reference).abs().max() / reference.abs().max())
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_pass_covers_architecture_and_preserves_function(name, images):
+    build, expected = ARCHITECTURES[name]
+    model = randomize_batchnorms(build())
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    module_types = [type(m) for m in model.modules()]
+
+    parameterised = lc.convert(model, images, replace_activations=False)
+    report = parameterised.conversion_report
+    assert report.method == "fx"
+    assert (len(report.activations_replaced), len(report.batchnorms_replaced)) == (0, expected["bn"])
+    assert len(report.layers_normalized) == expected["lin"]
+    with torch.no_grad():
+        assert relative_error(parameterised(images), model(images)) <= 1e-5
+
+    converted = lc.convert(model, images)
+    report = converted.conversion_report
+    assert len(report.activations_replaced) == expected["act"]
+    assert len(report.batchnorms_replaced) == expected["bn"]
+    assert sum(isinstance(m, CenteredSoftplus) for m in converted.modules()) == expected["act"]
+    assert sum(isinstance(m, LipschitzBatchNorm) for m in converted.modules()) == expected["bn"]
+    assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in converted.modules())
+    assert not any(isinstance(m, nn.ReLU) for m in converted.modules())
+    with torch.no_grad():
+        agreement = (converted(images).argmax(1) == model(images).argmax(1)).float().mean().item()
+    assert agreement >= 0.99
+    # The original is untouched.
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    assert [type(m) for m in model.modules()] == module_types
+
+
+def test_model_with_nothing_to_replace_reports_it_cleanly(images):
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=64).eval()
+    converted = lc.convert(model, images)
+    report = converted.conversion_report
+    assert report.method == "fx"
+    assert report.activations_replaced == [] and report.batchnorms_replaced == []
+    assert report.curvature_bound is None and "layer_norm" in report.bound_notes[0]
+    assert {item.kind for item in report.skipped} == {"activation"}
+    assert all("GELU" in item.reason or "gelu" in item.reason for item in report.skipped)
+    with torch.no_grad():
+        assert relative_error(converted(images), model(images)) <= 1e-5
+
+
+def test_auto_beta_keeps_top1_with_the_smoothest_sharpness(trained_digits_net, digits):
+    images, _ = digits
+    # Calibrate on data the model was not trained on (its margins there are what users meet).
+    calibration, held_out = images[1400:1600], images[1600:]
+    converted = lc.convert(trained_digits_net, calibration)
+    report = converted.conversion_report
+    with torch.no_grad():
+        reference = trained_digits_net(calibration).argmax(1)
+        agreement = (converted(calibration).argmax(1) == reference).float().mean().item()
+        held_out_agreement = (converted(held_out).argmax(1) == trained_digits_net(held_out).argmax(1)).float().mean()
+    assert agreement >= 0.99 and report.beta["top1_agreement"] == pytest.approx(agreement)
+    assert held_out_agreement.item() >= 0.97
+    sites = [m for m in converted.modules() if isinstance(m, CenteredSoftplus)]
+    assert len(sites) == 2 and max(m.beta.item() for m in sites) < 1e3
+    # Minimal: halving the sharpness loses the 99% agreement.
+    for site in sites:
+        site.set_beta(site.beta.item() / 2)
+    with torch.no_grad():
+        smoother = (converted(calibration).argmax(1) == reference).float().mean().item()
+    assert smoother < 0.99
+
+
+def test_fixed_beta_and_default_beta_without_inputs(trained_digits_net):
+    fixed = lc.convert(trained_digits_net, torch.randn(4, 1, 8, 8), beta=7.0)
+    assert {round(m.beta.item(), 4) for m in fixed.modules() if isinstance(m, CenteredSoftplus)} == {7.0}
+    with pytest.raises(lc.LcnnError, match="beta"):
+        lc.convert(trained_digits_net, beta=0.0)
+    with pytest.raises(lc.LcnnError, match="beta"):
+        lc.convert(trained_digits_net, beta="sharp")
+
+
+def test_default_input_size_comes_from_the_data_config():
+    model = timm.create_model("resnet18", num_classes=3).eval()
+    converted = lc.convert(model)  # no example inputs: timm's 224x224, default beta
+    assert converted.conversion_report.beta == {"mode": "auto-default", "value": 100.0, "mean": pytest.approx(100.0, rel=1e-5), "min": pytest.approx(100.0, rel=1e-5), "max": pytest.approx(100.0, rel=1e-5)}
+    assert converted.get_submodule("conv1").input_shape.tolist() == [3, 224, 224]
+
+
+def test_each_call_site_of_a_shared_relu_gets_its_own_beta(images):
+    model = randomize_batchnorms(torchvision.models.resnet18(num_classes=10))
+    converted = lc.convert(model, images)
+    first, second = converted.get_submodule("layer1.0.relu"), converted.get_submodule("layer1.0.relu_1")
+    assert isinstance(first, CenteredSoftplus) and isinstance(second, CenteredSoftplus) and first is not second
+    parameters = {id(p) for m in converted.modules() if isinstance(m, CenteredSoftplus) for p in m.parameters()}
+    assert len(parameters) == 17
+
+
+class InplaceNet(nn.Module):
+    """Reads the tensor that in-place ReLUs mutated, not their return values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        x.relu_()
+        y = x * 2
+        F.relu(y, inplace=True)
+        self.act(y)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y - 1.0, 1), 1))
+
+
+def test_inplace_relus_are_replaced_with_their_readers_rewired():
+    model = randomize_batchnorms(InplaceNet())
+    x = torch.randn(4, 3, 16, 16)
+    converted = lc.convert(model, x, beta=1e4)
+    assert len(converted.conversion_report.activations_replaced) == 3
+    with torch.no_grad():
+        reference = model(x.clone())
+        assert (converted(x) - reference).abs().max().item() < 5e-3
+        # Without rewiring the readers would see the pre-activation values: a large difference.
+        model_without_relu = InplaceNet()
+        model_without_relu.load_state_dict(model.state_dict())
+        assert (converted(x) - reference).abs().max() < (model_without_relu.eval().fc(torch.zeros(4, 8)) - reference).abs().max()
+
+
+class FunctionalBatchNormNet(nn.Module):
+    """What timm's BatchNormAct2d looks like when traced through: F.batch_norm on attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.register_buffer("mean", torch.randn(6) * 0.1)
+        self.register_buffer("var", torch.rand(6) + 0.5)
+        self.scale = nn.Parameter(torch.rand(6) + 0.5)
+        self.shift = nn.Parameter(torch.randn(6))
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = F.batch_norm(self.conv(x), self.mean, self.var, self.scale, self.shift, False, 0.1, 1e-5)
+        return self.fc(F.relu(x).mean((2, 3)))
+
+
+def test_functional_batch_norm_on_attributes_is_replaced():
+    model = FunctionalBatchNormNet().eval()
+    x = torch.randn(4, 3, 10, 10)
+    converted = lc.convert(model, x, replace_activations=False)
+    report = converted.conversion_report
+    assert len(report.batchnorms_replaced) == 1 and report.skipped[0].reason.startswith("relu kept")
+    assert isinstance(converted.get_submodule("conv"), NormalizedConv)
+    assert converted.get_submodule("conv").scale is None  # its slope went into the new BN
+    with torch.no_grad():
+        assert relative_error(converted(x), model(x)) <= 1e-5
+
+
+def test_timm_batchnorm_act_keeps_its_drop_layer_and_converts_relu_only(images):
+    regnet = lc.convert(randomize_batchnorms(timm.create_model("regnetx_002", num_classes=10)), images)
+    block = regnet.get_submodule("stem.bn")
+    assert isinstance(block, LipschitzBatchNormAct) and isinstance(block.act, CenteredSoftplus)
+    effnet = lc.convert(randomize_batchnorms(timm.create_model("efficientnet_b0", num_classes=10)), images)
+    block = effnet.get_submodule("bn1")
+    assert isinstance(block, LipschitzBatchNormAct) and isinstance(block.act, nn.SiLU)
+    assert isinstance(block.drop, nn.Identity)
+    reasons = {item.reason for item in effnet.conversion_report.skipped}
+    assert "SiLU is not ReLU/softplus; left as is" in reasons
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.act(self.bn(self.conv(x)))
+        if x.mean() > 0:  # data-dependent control flow: torch.fx cannot trace this
+            x = F.relu(x - 0.1)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_untraceable_model_falls_back_to_module_swap(images):
+    model = randomize_batchnorms(Untraceable())
+    x = images[:, :, :16, :16]
+    converted = lc.convert(model, x, replace_activations=False)
+    report = converted.conversion_report
+    assert report.method == "module-swap" and "TraceError" in report.fallback_reason
+    with torch.no_grad():
+        assert relative_error(converted(x), model(x)) <= 1e-5
+    converted = lc.convert(model, x)
+    report = converted.conversion_report
+    assert report.activations_replaced == ["act"] and report.batchnorms_replaced == ["bn"]
+    assert report.layers_normalized == ["conv", "fc"]
+    assert [(item.node, item.kind) for item in report.skipped] == [("<root>:relu", "activation")]
+    assert report.curvature_bound is None and "module swap" in report.bound_notes[0]
+
+
+def test_users_extend_the_rule_table():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.GELU(), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(1, 3, 8, 8))
+    model = randomize_batchnorms(model)
+    gelu_rule = ReplacementRule("gelu", "activation", match_module(nn.GELU), lambda ctx: CenteredSoftplus(ctx.beta))
+    converted = lc.convert(model, torch.randn(4, 3, 8, 8), rules=(gelu_rule, *lc.DEFAULT_RULES), beta=3.0)
+    assert isinstance(converted.get_submodule("2"), CenteredSoftplus)
+    assert converted.conversion_report.activations_replaced == ["2"]
+    assert isinstance(converted.get_submodule("4"), NormalizedLinear)
+    default = lc.convert(model, torch.randn(4, 3, 8, 8))
+    assert isinstance(default.get_submodule("2"), nn.GELU)
+
+
+def test_converted_timm_model_keeps_config_and_head_api(images):
+    model = randomize_batchnorms(timm.create_model("resnet18", num_classes=10))
+    converted = lc.convert(model, images)
+    assert converted.pretrained_cfg == model.pretrained_cfg and converted.default_cfg == model.default_cfg
+    assert converted.num_classes == 10
+    assert isinstance(converted.get_classifier(), NormalizedLinear)
+    converted.reset_classifier(4)
+    assert converted.num_classes == 4
+    with torch.no_grad():
+        assert converted(images).shape == (8, 4)
+    torchvision_model = lc.convert(torchvision.models.resnet18(num_classes=10), images)
+    assert torchvision_model.classifier_path == "fc"
+    torchvision_model.reset_classifier(3)
+    assert torchvision_model(images).shape == (8, 3)
+
+
+def test_curvature_bound_is_finite_for_resnets_and_explained_otherwise(images):
+    resnet = lc.convert(randomize_batchnorms(torchvision.models.resnet18(num_classes=10)), images)
+    report = resnet.conversion_report
+    assert report.curvature_bound is not None and math.isfinite(report.curvature_bound) and report.curvature_bound > 0
+    assert report.bound_notes == []
+    mobilenet = lc.convert(randomize_batchnorms(torchvision.models.mobilenet_v3_small(num_classes=10)), images)
+    assert mobilenet.conversion_report.curvature_bound is None
+    assert "Hardswish" in mobilenet.conversion_report.bound_notes[0]
+    as_dict = report.to_dict()
+    assert set(as_dict) >= {"activations_replaced", "batchnorms_replaced", "layers_normalized", "skipped", "method", "curvature_bound"}
+
+
+def _hessian_norm(model: nn.Module, x: torch.Tensor, direction: torch.Tensor, iterations: int = 30) -> float:
+    """||Hessian of <direction, model(x)>|| w.r.t. x by power iteration on Hessian-vector products."""
+    vector = torch.randn_like(x)
+    vector /= vector.norm()
+    norm = 0.0
+    for _ in range(iterations):
+        point = x.clone().requires_grad_(True)
+        (gradient,) = torch.autograd.grad((model(point) * direction).sum(), point, create_graph=True)
+        (product,) = torch.autograd.grad((gradient * vector).sum(), point)
+        norm = product.norm().item()
+        vector = product / product.norm()
+    return norm
+
+
+def test_data_free_bound_is_above_measured_curvature():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 36, 3),
+    )  # fmt: skip
+    model = randomize_batchnorms(model).double()
+    converted = lc.convert(model, torch.randn(2, 2, 6, 6, dtype=torch.float64), beta=4.0).double().eval()
+    bound = converted.conversion_report.curvature_bound
+    for seed in range(5):
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(1, 2, 6, 6, generator=generator, dtype=torch.float64)
+        direction = torch.randn(1, 3, generator=generator, dtype=torch.float64)
+        direction /= direction.norm()
+        measured = _hessian_norm(converted, x, direction)
+        assert 0 < measured <= bound
