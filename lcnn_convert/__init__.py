@@ -6,7 +6,10 @@ Pipeline: load_model -> convert -> (fine-tune) -> export_onnx -> verify_onnx -> 
 from .conversion import DEFAULT_RULES, ConversionReport, ReplacementRule, RuleContext, convert
 from .errors import LcnnError
 from .layers import CenteredSoftplus, LipschitzBatchNorm, LipschitzBatchNormAct, NormalizedConv, NormalizedLinear
+from .artifacts import load
+from .export import export_onnx
 from .models import load_model
+from .verify import ParityResult, verify_onnx
 
 __version__ = "0.1.0"
 
@@ -21,6 +24,10 @@ __all__ = [
     "NormalizedLinear",
     "ReplacementRule",
     "RuleContext",
+    "ParityResult",
     "convert",
+    "export_onnx",
+    "load",
     "load_model",
+    "verify_onnx",
 ]

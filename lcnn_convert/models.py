@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -164,8 +165,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
+            forbidden = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+            if forbidden is None:
+                raise LcnnError(f"cannot read weights file {path}: not a PyTorch checkpoint (bad pickle data)") from error
             raise LcnnError(
-                f"refusing to load {path}: it holds Python objects besides tensors and is only read "
+                f"refusing to load {path}: it would import {forbidden.group(1)}, and checkpoints are only read "
                 "with weights_only=True; re-save it as a plain state dict or .safetensors"
             ) from error
         except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:

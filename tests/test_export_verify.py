@@ -1,0 +1,87 @@
+"""Stages 4-5: ONNX export with standard ops only, and parity in onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+import torchvision
+
+import lcnn_convert as lc
+from lcnn_convert.artifacts import load, save
+from lcnn_convert.export import export_onnx
+from lcnn_convert.models import ModelSpec
+from lcnn_convert.verify import verify_onnx
+
+from .conftest import randomize_batchnorms
+
+
+@pytest.fixture(scope="module")
+def converted_resnet():
+    torch.manual_seed(0)
+    model = randomize_batchnorms(torchvision.models.resnet18(num_classes=10))
+    return lc.convert(model, torch.randn(8, 3, 64, 64))
+
+
+def test_export_uses_standard_ops_with_a_dynamic_batch(tmp_path, converted_resnet):
+    path = export_onnx(converted_resnet, tmp_path / "model.onnx", torch.randn(2, 3, 64, 64), opset=18)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}
+    assert max(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")) == 18
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 64, 64)
+        out = session.run(None, {"input": x.numpy()})[0]
+        np.testing.assert_allclose(out, converted_resnet(x).detach().numpy(), atol=1e-4)
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_export_rejects_old_opsets(tmp_path, converted_resnet):
+    with pytest.raises(lc.LcnnError, match="opset"):
+        export_onnx(converted_resnet, tmp_path / "m.onnx", torch.randn(1, 3, 64, 64), opset=13)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_centered_softplus_exports_in_a_stable_form(tmp_path):
+    layer = torch.nn.Sequential(lc.CenteredSoftplus(1e4), lc.CenteredSoftplus(1e-3)).eval()
+    path = export_onnx(layer, tmp_path / "act.onnx", torch.randn(2, 4))
+    x = torch.tensor([[-1e4, -1.0, 0.0, 1e4], [-30.0, 1e-3, 5.0, 1e3]])
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, layer(x).detach().numpy(), rtol=1e-5, atol=1e-4)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "Softplus" not in ops and ops <= {"Abs", "Add", "Mul", "Neg", "Exp", "Log", "Sub", "Div", "Constant", "Clip", "Cast"}
+
+
+def test_verify_reports_parity_and_catches_a_different_model(tmp_path, converted_resnet):
+    path = export_onnx(converted_resnet, tmp_path / "model.onnx", torch.randn(2, 3, 64, 64))
+    real = torch.randn(4, 3, 64, 64)
+    result = lc.verify_onnx(converted_resnet, path, real)
+    assert result.passed and result.num_inputs == 20 and result.max_abs_diff <= 1e-4
+    assert result.top1_agreement == 1.0 and result.failure() is None
+    other = lc.convert(randomize_batchnorms(torchvision.models.resnet18(num_classes=10), seed=5), real, beta=50.0)
+    mismatch = verify_onnx(other, path, real)
+    assert not mismatch.passed and "max abs diff" in mismatch.failure()
+
+
+def test_efficientnet_round_trip_from_the_issue_example(tmp_path):
+    batch = torch.randn(4, 3, 64, 64)
+    lcnn = lc.convert(randomize_batchnorms(timm.create_model("efficientnet_b0", num_classes=10)), example_inputs=batch)
+    lc.export_onnx(lcnn, tmp_path / "effnet_lcnn.onnx", batch[:2])
+    result = lc.verify_onnx(lcnn, tmp_path / "effnet_lcnn.onnx", batch)
+    assert result.passed, str(result)
+
+
+def test_save_and_load_rebuild_the_same_model(tmp_path, converted_resnet):
+    save(converted_resnet, tmp_path, ModelSpec("torchvision", "resnet18"))
+    restored = load(tmp_path)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(restored(x), converted_resnet(x))
+    assert type(restored).__name__ == "ResNet"
+    assert restored.conversion_report.method == "fx"
