@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
 
@@ -31,9 +30,12 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 COMMANDS = ("convert", "verify")
+# Typer vendors click in recent releases and uses the real one in older ones; its exceptions
+# derive from whichever ClickException is in use.
+CLICK_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
 
 
-@app.command("convert")
+@app.command("convert", short_help="Convert MODEL to an LCNN, export ONNX, check parity (the default).")
 def convert_command(
     model: Annotated[str, typer.Argument(help="Model name: resnet18, torchvision:resnet18 or timm:efficientnet_b0.")],
     weights: Annotated[
@@ -81,7 +83,7 @@ def convert_command(
         raise LcnnError(failure)
 
 
-@app.command("verify")
+@app.command("verify", short_help="Re-check an output dir's ONNX against its weights.")
 def verify_command(
     directory: Annotated[Path, typer.Argument(help="An output dir written by lcnn-convert.")],
     atol: Annotated[float, typer.Option(help="Parity gate on the logits' max abs difference.")] = 1e-4,
@@ -111,7 +113,7 @@ def _parity_failure(parity: dict) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
     if args and args[0] not in COMMANDS and not args[0].startswith("-"):
         args.insert(0, "convert")
     command = typer.main.get_command(app)
@@ -120,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     except LcnnError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except click.exceptions.UsageError as error:
+    except CLICK_ERROR as error:
         print(f"error: {error.format_message()} (see lcnn-convert --help)", file=sys.stderr)
-        return 2
-    except (click.exceptions.Abort, KeyboardInterrupt):
+        return error.exit_code or 2
+    except (typer.Abort, KeyboardInterrupt):
         print("error: interrupted", file=sys.stderr)
         return 130
     return result if isinstance(result, int) else 0

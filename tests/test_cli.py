@@ -1,0 +1,179 @@
+"""The lcnn-convert command end to end, and every bad input the Core issue names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import lcnn_convert as lc
+
+from .conftest import assert_one_line_error, run_console_script
+
+SMALL = ("--no-pretrained", "--num-classes", "10", "--image-size", "32")
+
+
+def assert_nothing_written(parent: Path, name: str) -> None:
+    leftovers = [path.name for path in parent.iterdir() if name in path.name]
+    assert leftovers == [], leftovers
+
+
+@pytest.mark.slow
+def test_convert_writes_a_complete_output_dir_that_loads_back(tmp_path):
+    out = tmp_path / "out"
+    result = run_console_script("torchvision:resnet18", *SMALL, "--output", out)
+    assert result.returncode == 0, result.stderr
+    assert "ONNX parity" in result.stdout and "passed" in result.stdout
+    assert sorted(path.name for path in out.iterdir()) == ["model.onnx", "model.safetensors", "report.json"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "torchvision:resnet18" and report["source"] == "torchvision"
+    conversion = report["conversion"]
+    assert (conversion["activations_replaced"], conversion["batchnorms_replaced"], conversion["layers_normalized"]) == (17, 20, 21)
+    assert conversion["method"] == "fx" and conversion["skipped"] == [] and conversion["curvature_bound"] > 0
+    parity = report["parity"]
+    assert parity["passed"] and parity["max_abs_diff"] <= parity["atol"] == 1e-4 and parity["top1_agreement"] == 1.0
+    assert parity["num_inputs"] == 48 and parity["max_rel_diff"] >= 0
+    model = lc.load(out)
+    x = torch.randn(2, 3, 32, 32)
+    result = lc.verify_onnx(model, out / "model.onnx", x)
+    assert result.passed and result.max_abs_diff <= 1e-4
+    assert not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.slow
+def test_timm_model_with_weights_json_output_and_overwrite(tmp_path, cli):
+    state = torchvision.models.resnet18(num_classes=4).state_dict()
+    weights = tmp_path / "mine.pth"
+    torch.save({"state_dict": state}, weights)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old run")
+    result = cli("resnet18", "--weights", weights, "--image-size", "32", "--beta", "20", "-o", out, "--overwrite", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["num_classes"] == 4 and report["weights"] == str(weights) and not report["pretrained"]
+    assert report["conversion"]["beta"]["mode"] == "fixed" and report["conversion"]["beta"]["mean"] == pytest.approx(20, rel=1e-5)
+    assert not (out / "old.txt").exists() and (out / "model.onnx").exists()
+    result = cli("timm:resnet18", *SMALL, "-o", tmp_path / "timm")
+    assert result.code == 0, result.err
+    assert json.loads((tmp_path / "timm" / "report.json").read_text())["source"] == "timm"
+
+
+@pytest.mark.slow
+def test_verify_subcommand_passes_then_catches_tampering(tmp_path, cli):
+    out = tmp_path / "out"
+    assert cli("resnet18", *SMALL, "-o", out).code == 0
+    result = cli("verify", out)
+    assert result.code == 0 and "parity passed" in result.out
+    onnx_bytes = (out / "model.onnx").read_bytes()
+    (out / "model.onnx").write_bytes(onnx_bytes[: len(onnx_bytes) // 2])
+    assert_one_line_error(cli("verify", out), "model.onnx")
+    (out / "model.onnx").write_bytes(onnx_bytes)
+    weights = bytearray((out / "model.safetensors").read_bytes())
+    weights[-4000:] = bytes(4000)  # zero the last tensor's values
+    (out / "model.safetensors").write_bytes(bytes(weights))
+    assert_one_line_error(cli("verify", out), "ONNX parity failed")
+
+
+def test_help_explains_the_main_form():
+    result = run_console_script("--help")
+    assert result.returncode == 0 and "lcnn-convert MODEL [OPTIONS]" in result.stdout
+    result = run_console_script("convert", "--help")
+    assert result.returncode == 0
+    for option in ("--weights", "--no-pretrained", "--num-classes", "--beta", "--image-size", "--output", "--overwrite", "--opset", "--device"):
+        assert option in result.stdout
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    good = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), good)
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip" * 20)
+    mismatched = tmp_path / "vgg.pth"
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=10).state_dict(), mismatched)
+    evil = tmp_path / "evil.pth"
+    torch.save({"fc.weight": torch.zeros(1), "x": _Payload(str(tmp_path / "pwned"))}, evil)
+    return {"good": good, "corrupt": corrupt, "mismatched": mismatched, "evil": evil}
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+BAD_INPUTS = {
+    "unknown model": (["resnt18", "--no-pretrained"], ["unknown model 'resnt18'", "closest: resnet18"]),
+    "missing weights": (["resnet18", "--weights", "{tmp}/nope.pth"], ["weights file not found"]),
+    "corrupt weights": (["resnet18", "--weights", "{corrupt}"], ["not a PyTorch checkpoint"]),
+    "mismatched weights": (["resnet18", "--weights", "{mismatched}"], ["does not match ResNet"]),
+    "pickle with code": (["resnet18", "--weights", "{evil}"], ["refusing to load", "weights_only=True"]),
+    "negative classes": (["resnet18", "--no-pretrained", "--num-classes", "-3"], ["--num-classes must be a positive integer"]),
+    "zero beta": (["resnet18", "--no-pretrained", "--beta", "0"], ["--beta must be 'auto' or a number > 0"]),
+    "negative beta": (["resnet18", "--no-pretrained", "--beta=-2"], ["--beta must be 'auto' or a number > 0"]),
+    "word beta": (["resnet18", "--no-pretrained", "--beta", "sharp"], ["--beta must be 'auto' or a number > 0"]),
+    "classes not a number": (["resnet18", "--num-classes", "ten"], ["--num-classes", "integer"]),
+    "old opset": (["resnet18", "--no-pretrained", "--opset", "11"], ["--opset must be >= 17"]),
+    "pretrained offline": (["resnet18", "--num-classes", "10"], ["--weights", "--no-pretrained"]),
+    "unknown option": (["resnet18", "--frobnicate"], ["No such option"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_writes_nothing(case, cli, tmp_path, checkpoints):
+    args, fragments = BAD_INPUTS[case]
+    paths = {"tmp": tmp_path, **checkpoints}
+    out = tmp_path / "out"
+    result = cli(*[arg.format(**paths) for arg in args], "--image-size", "32", "-o", out)
+    assert_one_line_error(result, *fragments)
+    assert not out.exists()
+    assert_nothing_written(tmp_path, "out")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_unwritable_output_dirs(cli, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert_one_line_error(cli("resnet18", *SMALL, "-o", blocker / "out"), "cannot write output dir")
+    assert_one_line_error(cli("resnet18", *SMALL, "-o", blocker), "exists and is not a directory")
+    assert_one_line_error(cli("resnet18", *SMALL, "-o", "/proc/lcnn-out"), "cannot write output dir")
+    assert blocker.read_text() == "x"
+
+
+def test_existing_output_dir_is_left_alone_without_overwrite(cli, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.onnx").write_text("a previous run")
+    assert_one_line_error(cli("resnet18", *SMALL, "-o", out), "not empty", "--overwrite")
+    assert [path.name for path in out.iterdir()] == ["model.onnx"]
+    assert (out / "model.onnx").read_text() == "a previous run"
+    assert_nothing_written(tmp_path, ".out")
+
+
+def test_failure_after_staging_removes_the_partial_output(cli, tmp_path, checkpoints):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("keep me")
+    # Fails while loading weights, after the staging dir exists: old output must survive.
+    result = cli("resnet18", "--weights", checkpoints["mismatched"], "-o", out, "--overwrite")
+    assert_one_line_error(result, "does not match")
+    assert [path.name for path in out.iterdir()] == ["keep.txt"]
+    assert_nothing_written(tmp_path, ".out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["convert_and_verify.py", "custom_rule.py"])
+def test_examples_run(script):
+    import subprocess
+    import sys
+
+    path = Path(__file__).parent.parent / "examples" / script
+    result = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "ConversionReport(method=fx" in result.stdout
