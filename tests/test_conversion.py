@@ -301,3 +301,32 @@ def test_data_free_bound_is_above_measured_curvature():
         direction /= direction.norm()
         measured = _hessian_norm(converted, x, direction)
         assert 0 < measured <= bound
+
+
+def test_softplus_sync_and_frozen_batchnorms_are_converted_exactly():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    frozen = FrozenBatchNorm2d(4)
+    with torch.no_grad():
+        frozen.running_var.uniform_(0.5, 2.0)
+        frozen.weight.uniform_(0.5, 1.5)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.Softplus(beta=2.0),
+        nn.Conv2d(4, 4, 3), frozen, nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
+    )  # fmt: skip
+    model = randomize_batchnorms(model)
+    x = torch.randn(4, 3, 8, 8)
+    converted = lc.convert(model, x, beta=1e4)
+    report = converted.conversion_report
+    assert len(report.batchnorms_replaced) == 2 and len(report.activations_replaced) == 2
+    softplus = converted.get_submodule("2")
+    assert isinstance(softplus, CenteredSoftplus) and softplus.beta.item() == pytest.approx(2.0)
+    frozen_lcnn = converted.get_submodule("4")
+    assert isinstance(frozen_lcnn, LipschitzBatchNorm) and not frozen_lcnn.use_batch_stats
+    assert not frozen_lcnn.weight.requires_grad
+    with torch.no_grad():
+        assert relative_error(converted(x), model(x)) <= 1e-3  # the ReLU became a beta=1e4 softplus
+    exact = lc.convert(model, x, replace_activations=False)
+    with torch.no_grad():
+        assert relative_error(exact(x), model(x)) <= 1e-5
