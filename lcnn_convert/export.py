@@ -18,6 +18,7 @@ from .io import atomic_file
 DEFAULT_OPSET = 17
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+DYNAMO_MIN_OPSET = 18
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 
@@ -26,6 +27,45 @@ def check_standard_ops(model: onnx.ModelProto) -> None:
     custom = sorted({f"{node.domain}::{node.op_type}" for node in model.graph.node if node.domain not in STANDARD_DOMAINS})
     if custom:
         raise LcnnError(f"ONNX export used non-standard ops: {', '.join(custom)}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool) -> None:
+    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
+
+
+def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool) -> None:
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=shapes,
+            optimize=True,
+        )
+        program.save(str(path), external_data=False)
 
 
 def export_onnx(
@@ -37,33 +77,25 @@ def export_onnx(
 ) -> Path:
     """Export ``model`` in eval mode on the CPU to ``path`` (written atomically) and check it.
 
-    Uses the TorchScript-based exporter (fast, and it folds every eval-time constant: 1/beta,
-    the BN clip factor, W/sigma). The file passes onnx.checker and uses only default-domain ops.
+    Uses the TorchScript-based exporter (fast, and it folds eval-time constants such as W/sigma),
+    falling back to the torch.export-based one (opset >= 18) for graphs the first cannot trace.
+    The file passes onnx.checker and uses only default-domain ops.
     """
     if opset < DEFAULT_OPSET:
         raise LcnnError(f"opset must be >= {DEFAULT_OPSET}, got {opset}")
     path = Path(path)
     model = copy.deepcopy(model).cpu().eval()
     example_input = example_input.detach().cpu()
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     with atomic_file(path) as temporary:
         try:
-            with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    model,
-                    (example_input,),
-                    str(temporary),
-                    dynamo=False,
-                    opset_version=opset,
-                    input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    dynamic_axes=axes,
-                    do_constant_folding=True,
-                )
-        except Exception as error:  # the exporter raises many unrelated types
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise LcnnError(f"ONNX export failed: {first_line[:200]}") from error
+            _export_torchscript(model, example_input, temporary, opset, dynamic_batch)
+        except Exception as script_error:  # the exporters raise many unrelated types
+            # Some graphs (e.g. scaled_dot_product_attention under jit tracing) only export
+            # through torch.export; that exporter starts at opset 18.
+            try:
+                _export_dynamo(model, example_input, temporary, max(opset, DYNAMO_MIN_OPSET), dynamic_batch)
+            except Exception:
+                raise LcnnError(f"ONNX export failed: {_first_line(script_error)}") from script_error
         exported = onnx.load(str(temporary))
         try:
             onnx.checker.check_model(exported, full_check=True)

@@ -6,11 +6,13 @@ Names follow the two libraries' own conventions: ``resnet18`` (torchvision first
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -131,9 +133,22 @@ def _build(spec: ModelSpec, pretrained: bool, num_classes: int | None) -> nn.Mod
     return model
 
 
+@contextlib.contextmanager
+def _quiet_hub_retries() -> Iterator[None]:
+    """Offline, huggingface_hub logs every retry of every file; the one-line error says it all."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(level)
+
+
 def _build_pretrained(spec: ModelSpec, num_classes: int | None) -> nn.Module:
     try:
-        return _build(spec, pretrained=True, num_classes=num_classes)
+        with _quiet_hub_retries():
+            return _build(spec, pretrained=True, num_classes=num_classes)
     except (OSError, RuntimeError, ValueError, ImportError) as error:
         # Downloads fail in many library-specific ways (URLError, HTTP errors, hub errors);
         # all of them are OSError/RuntimeError subclasses.

@@ -61,7 +61,8 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         table.add_row("ONNX parity", verdict)
         table.add_row("  max abs diff", f"{_number(parity['max_abs_diff'], 3)} (atol {parity['atol']:g})")
         table.add_row("  max rel diff", _number(parity["max_rel_diff"], 3))
-        table.add_row("  top-1 agreement", f"{parity['top1_agreement']:.2%} over {parity['num_inputs']} inputs")
+        ties = f", {parity['near_ties']} near-ties set apart" if parity.get("near_ties") else ""
+        table.add_row("  top-1 agreement", f"{parity['top1_agreement']:.2%} over {parity['num_inputs']} inputs{ties}")
     console.print(table)
     skipped = conversion["skipped"]
     if skipped:

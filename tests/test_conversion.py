@@ -64,7 +64,7 @@ def test_pass_covers_architecture_and_preserves_function(name, images):
     assert [type(m) for m in model.modules()] == module_types
 
 
-def test_model_with_nothing_to_replace_reports_it_cleanly(images):
+def test_model_with_nothing_to_replace_reports_it_cleanly(images, tmp_path):
     model = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=64).eval()
     converted = lc.convert(model, images)
     report = converted.conversion_report
@@ -75,6 +75,8 @@ def test_model_with_nothing_to_replace_reports_it_cleanly(images):
     assert all("GELU" in item.reason or "gelu" in item.reason for item in report.skipped)
     with torch.no_grad():
         assert relative_error(converted(images), model(images)) <= 1e-5
+    lc.export_onnx(converted, tmp_path / "vit.onnx", images[:2])
+    assert lc.verify_onnx(converted, tmp_path / "vit.onnx", images).passed
 
 
 def test_auto_beta_keeps_top1_with_the_smoothest_sharpness(trained_digits_net, digits):

@@ -85,3 +85,24 @@ def test_save_and_load_rebuild_the_same_model(tmp_path, converted_resnet):
         assert torch.equal(restored(x), converted_resnet(x))
     assert type(restored).__name__ == "ResNet"
     assert restored.conversion_report.method == "fx"
+
+
+def test_top1_gate_tolerates_near_ties_but_not_real_flips(tmp_path):
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits: torch.Tensor) -> None:
+            super().__init__()
+            self.register_buffer("logits", logits)
+
+        def forward(self, x):
+            return self.logits + 0 * x.sum()
+
+    tied = torch.tensor([[1.0, 1.0 + 1e-6, 0.0], [2.0, 1.0, 0.0]])
+    path = export_onnx(Fixed(tied), tmp_path / "tied.onnx", torch.zeros(1, 2))
+    # PyTorch breaks the near-tie the other way: not counted as a disagreement.
+    near = verify_onnx(Fixed(torch.tensor([[1.0 + 2e-6, 1.0, 0.0], [2.0, 1.0, 0.0]])), path, torch.zeros(2, 2), num_random=0)
+    assert near.passed and near.near_ties == 1 and near.top1_agreement == 1.0 and near.top1_exact_agreement == 0.5
+    # A flip with a real margin fails the top-1 gate even though it is within atol.
+    flipped = Fixed(torch.tensor([[1.0 + 5e-5, 1.0, 0.0], [2.0, 1.0, 0.0]]))
+    far = verify_onnx(flipped, path, torch.zeros(2, 2), num_random=0)
+    assert far.max_abs_diff <= far.atol and far.near_ties == 0
+    assert not far.passed and far.top1_agreement == 0.5 and "top-1 agreement" in far.failure()
