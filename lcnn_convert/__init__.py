@@ -9,6 +9,7 @@ from .layers import CenteredSoftplus, LipschitzBatchNorm, LipschitzBatchNormAct,
 from .artifacts import load
 from .export import export_onnx
 from .models import load_model
+from . import measure
 from .verify import ParityResult, verify_onnx
 
 __version__ = "0.1.0"

@@ -32,6 +32,7 @@ app = typer.Typer(
 COMMANDS = ("convert", "verify")
 # Typer vendors click in recent releases and uses the real one in older ones; its exceptions
 # derive from whichever ClickException is in use.
+DATASET_NAMES = "digits, cifar10, cifar100, svhn or folder:PATH"
 CLICK_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
 
 
@@ -63,14 +64,45 @@ def convert_command(
     atol: Annotated[float, typer.Option(help="Parity gate on the logits' max abs difference.")] = 1e-4,
     seed: Annotated[int, typer.Option(help="Seed of the calibration and verification inputs.")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="Print report.json instead of tables.")] = False,
+    finetune: Annotated[
+        Optional[str],
+        typer.Option(help=f"Fine-tune on {DATASET_NAMES}, with the LCNN regularisers."),
+    ] = None,
+    evaluate: Annotated[
+        Optional[str], typer.Option("--eval", help="Measure original and converted model on DATASET, no training.")
+    ] = None,
+    data_dir: Annotated[
+        Optional[Path], typer.Option(help="Where datasets are (or are downloaded to); default a cache folder.")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted --finetune run from its checkpoint.")] = False,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 3,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop fine-tuning after this many steps.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Fine-tuning batch size.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.01,
+    optimizer: Annotated[str, typer.Option(help="sgd (momentum 0.9, Nesterov) or adamw.")] = "sgd",
+    schedule: Annotated[str, typer.Option(help="cosine or onecycle.")] = "cosine",
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (never on beta, gamma, scales, biases).")] = 5e-4,
+    lambda_beta: Annotated[float, typer.Option(help="Weight of sum(beta) in the loss.")] = 1e-2,
+    lambda_gamma: Annotated[float, typer.Option(help="Weight of sum(|log gamma|) in the loss.")] = 1e-3,
+    grad_norm: Annotated[
+        float, typer.Option(help="Weight of the input-gradient-norm penalty (double backprop; 0 = off).")
+    ] = 0.0,
+    eval_examples: Annotated[int, typer.Option(help="Test examples for curvature and PGD.")] = 256,
 ) -> None:
     """Convert MODEL, write model.onnx, model.safetensors and report.json, and check ONNX parity."""
+    from .finetune import FinetuneConfig
     from .pipeline import ConversionJob, parse_beta, run_conversion
     from .report import print_report
 
+    training = FinetuneConfig(
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
+        weight_decay=weight_decay, lambda_beta=lambda_beta, lambda_gamma=lambda_gamma, lambda_grad=grad_norm,
+    )  # fmt: skip
     job = ConversionJob(
         model=model, weights=weights, pretrained=pretrained, num_classes=num_classes, beta=parse_beta(beta),
         image_size=image_size, output=output, overwrite=overwrite, opset=opset, device=device, atol=atol, seed=seed,
+        finetune=finetune, evaluate=evaluate, data_dir=data_dir, resume=resume, eval_examples=eval_examples,
+        training=training,
     )  # fmt: skip
     report = run_conversion(job)
     if json_output:

@@ -81,3 +81,50 @@ class StagedDirectory:
             self.commit()
         else:
             self.discard()
+
+
+class WorkingDirectory:
+    """The output dir of a resumable run: checkpoints must outlive an interruption, so files are
+    written in place (each atomically) rather than staged.
+
+    A non-empty dir needs ``resume`` (and then must hold ``resume_file``) or ``overwrite``; with
+    overwrite the old contents are only removed by ``clear()``, which the caller invokes once
+    the inputs have been checked. A dir this run created is removed again if the run fails
+    before writing anything into it.
+    """
+
+    def __init__(self, final: str | Path, overwrite: bool, resume: bool, resume_file: str) -> None:
+        self.path = Path(final).expanduser().absolute()
+        if self.path.exists() and not self.path.is_dir():
+            raise LcnnError(f"output path {self.path} exists and is not a directory")
+        non_empty = self.path.is_dir() and any(self.path.iterdir())
+        if resume and not (self.path / resume_file).is_file():
+            raise LcnnError(f"nothing to resume: no {resume_file} in {self.path}")
+        if non_empty and not (resume or overwrite):
+            raise LcnnError(f"output dir {self.path} is not empty; pass --overwrite to replace it or --resume")
+        self.created = not self.path.exists()
+        self._clear_pending = non_empty and overwrite and not resume
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise LcnnError(f"cannot write output dir {self.path}: {error.strerror or error}") from error
+        if not os.access(self.path, os.W_OK):
+            raise LcnnError(f"cannot write output dir {self.path}: Permission denied")
+
+    def clear(self) -> None:
+        """Remove what an earlier run left (only with overwrite, only once)."""
+        if not self._clear_pending:
+            return
+        for entry in self.path.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        self._clear_pending = False
+
+    def __enter__(self) -> WorkingDirectory:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None and self.created and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()

@@ -81,8 +81,11 @@ def find_classifier(model: nn.Module) -> tuple[str, nn.Module] | None:
     """The classification head: timm's get_classifier(), else the last Linear (or Conv) layer."""
     named = dict(model.named_modules())
     get_classifier = getattr(model, "get_classifier", None)
+    head = None
     if callable(get_classifier):
-        head = get_classifier()
+        with contextlib.suppress(AttributeError, NotImplementedError):
+            head = get_classifier()
+    if head is not None:
         for path, module in named.items():
             if module is head and (hasattr(head, "out_features") or hasattr(head, "out_channels")):
                 return path, module

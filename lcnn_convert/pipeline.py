@@ -1,6 +1,8 @@
-"""The whole job behind ``lcnn-convert MODEL``: load -> convert -> export -> verify -> report.
+"""The whole job behind ``lcnn-convert MODEL``: load -> convert -> fine-tune -> export -> verify -> report.
 
-Everything is written into a staged directory that replaces the output dir only when complete.
+A plain conversion is written into a staged directory that replaces the output dir only when
+complete. A fine-tuning run works in the output dir itself, because its epoch checkpoints must
+survive an interruption; every file there is still written atomically, report.json last.
 """
 
 from __future__ import annotations
@@ -9,24 +11,38 @@ import contextlib
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
+from torch import nn
 
 from . import __version__
 from .artifacts import ONNX_FILE, REPORT_FILE, WEIGHTS_FILE, save
-from .conversion import convert
+from .conversion import ConvertOptions, convert, convert_with_options
 from .errors import LcnnError
 from .export import DEFAULT_OPSET, export_onnx
-from .io import StagedDirectory
-from .models import classifier_classes, data_config, find_classifier, load_model_with_spec, resolve_model_name
+from .finetune import CHECKPOINT_FILE, FinetuneConfig, finetune, load_checkpoint
+from .io import StagedDirectory, WorkingDirectory
+from .models import (
+    ModelSpec,
+    classifier_classes,
+    data_config,
+    find_classifier,
+    load_model_with_spec,
+    reset_head,
+    resolve_model_name,
+)
 from .report import write_report
 from .verify import DEFAULT_ATOL, verify_onnx
 
 CALIBRATION_BATCH = 32
+CALIBRATION_EXAMPLES = 256
+CURVATURE_PLOT = "curvature.png"
+TRAINING_PLOT = "training.png"
+RESUME_KEYS = ("model", "dataset", "num_classes", "seed", "batch_size")
 
 
 @dataclass
@@ -43,6 +59,16 @@ class ConversionJob:
     device: str = "auto"
     atol: float = DEFAULT_ATOL
     seed: int = 0
+    finetune: str | None = None
+    evaluate: str | None = None
+    data_dir: Path | None = None
+    resume: bool = False
+    eval_examples: int = 256
+    training: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    @property
+    def dataset(self) -> str | None:
+        return self.finetune or self.evaluate
 
     def validate(self) -> None:
         if self.num_classes is not None and self.num_classes < 1:
@@ -59,6 +85,15 @@ class ConversionJob:
             raise LcnnError("--device cuda was asked for but no CUDA device is available")
         if not self.atol > 0:
             raise LcnnError(f"--atol must be > 0, got {self.atol}")
+        if self.finetune and self.evaluate and self.finetune != self.evaluate:
+            raise LcnnError("--finetune and --eval name different datasets; --finetune evaluates on its own test split")
+        if self.resume and not self.finetune:
+            raise LcnnError("--resume continues a --finetune run; give the same --finetune DATASET")
+        if self.eval_examples < 1:
+            raise LcnnError(f"--eval-examples must be >= 1, got {self.eval_examples}")
+        self.training.seed = self.seed
+        if self.finetune:
+            self.training.validate()
 
 
 def parse_beta(text: str) -> float | str:
@@ -92,51 +127,176 @@ def _step(console: Console, text: str, timings: dict[str, float], key: str) -> I
     console.print(f"[green]✓[/green] {text} [dim]({timings[key]:.1f}s)[/dim]")
 
 
+def _first_examples(dataset, count: int) -> torch.Tensor:
+    return torch.stack([dataset[index][0] for index in range(min(count, len(dataset)))])
+
+
+def _fit_head(model: nn.Module, job: ConversionJob, num_classes: int, dataset: str) -> None:
+    if job.num_classes is not None and job.num_classes != num_classes:
+        raise LcnnError(f"--num-classes {job.num_classes} conflicts with {dataset}, which has {num_classes} classes")
+    found = find_classifier(model)
+    if found is not None and classifier_classes(found[1]) != num_classes:
+        reset_head(model, num_classes)
+
+
+def measure(model: nn.Module, splits, examples: int) -> dict[str, Any]:
+    """Accuracy, curvature and PGD accuracy on the first ``examples`` test images."""
+    from .measure import adversarial_accuracy, estimate_curvature, evaluate_accuracy
+
+    curvature = estimate_curvature(model, splits.test, max_examples=examples)
+    metrics = {
+        "accuracy": evaluate_accuracy(model, splits.test),
+        **{key: value for key, value in curvature.to_dict().items() if key != "num_examples"},
+        "curvature_examples": curvature.num_examples,
+        "pgd_l2_accuracy": adversarial_accuracy(model, splits.test, "l2", mean=splits.mean, std=splits.std, max_examples=examples),
+        "pgd_linf_accuracy": adversarial_accuracy(model, splits.test, "linf", mean=splits.mean, std=splits.std, max_examples=examples),
+    }
+    return metrics, list(curvature.per_example_curvature)
+
+
 def run_conversion(job: ConversionJob, console: Console | None = None) -> dict[str, Any]:
-    """Run the job and return the report; the output dir holds model.onnx, model.safetensors, report.json."""
+    """Run the job and return the report (also written to report.json in the output dir)."""
     console = console or Console(stderr=True)
     job.validate()
     spec = resolve_model_name(job.model)
+    final = job.output or default_output(job.model)
+    if job.finetune:
+        directory = WorkingDirectory(final, overwrite=job.overwrite, resume=job.resume, resume_file=CHECKPOINT_FILE)
+        with directory:
+            return _run(job, spec, directory.path, console, directory)
+    with StagedDirectory(final, job.overwrite) as stage:
+        report = _run(job, spec, stage.path, console, None)
+    report["output_dir"] = str(stage.final)
+    return report
+
+
+def _run(job: ConversionJob, spec: ModelSpec, out: Path, console: Console, workdir) -> dict[str, Any]:
+    from .data import load_dataset
+
     timings: dict[str, float] = {}
-    with StagedDirectory(job.output or default_output(job.model), job.overwrite) as stage:
-        with _step(console, f"load {spec}", timings, "load"):
-            model, spec = load_model_with_spec(str(spec), job.pretrained, job.weights, job.num_classes)
-            config = data_config(model, spec)
-            channels, height, width = config["input_size"]
-            if job.image_size:
-                height = width = job.image_size
-            generator = torch.Generator().manual_seed(job.seed)
-            calibration = torch.randn((CALIBRATION_BATCH, channels, height, width), generator=generator)
-            device = resolve_device(job.device)
-        with _step(console, "convert", timings, "convert"):
+    device = resolve_device(job.device)
+    resume_state = load_checkpoint(out / CHECKPOINT_FILE) if job.resume else None
+    with _step(console, f"load {spec}", timings, "load"):
+        torch.manual_seed(job.seed)  # random initialisation (--no-pretrained, new heads) is part of the run
+        model, spec = load_model_with_spec(str(spec), job.pretrained, job.weights, job.num_classes)
+        config = data_config(model, spec)
+    splits = None
+    if job.dataset:
+        with _step(console, f"load dataset {job.dataset}", timings, "data"):
+            splits = load_dataset(job.dataset, job.data_dir, config, job.image_size)
+            _fit_head(model, job, splits.num_classes, job.dataset)
+        calibration = _first_examples(splits.train, CALIBRATION_EXAMPLES)
+        channels, height, width = calibration.shape[1:]
+    else:
+        channels, height, width = config["input_size"]
+        if job.image_size:
+            height = width = job.image_size
+        generator = torch.Generator().manual_seed(job.seed)
+        calibration = torch.randn((CALIBRATION_BATCH, channels, height, width), generator=generator)
+    identity = {
+        "model": job.model, "dataset": job.dataset, "num_classes": _classes(model), "seed": job.seed,
+        "batch_size": job.training.batch_size,
+    }  # fmt: skip
+    if resume_state is not None:
+        _check_resumable(resume_state, identity, out)
+    elif workdir is not None:
+        workdir.clear()
+
+    metrics: dict[str, Any] = {}
+    curvatures: dict[str, list[float]] = {}
+    if resume_state is not None:
+        metrics, curvatures = resume_state["metrics"], resume_state["curvatures"]
+    elif splits is not None:
+        with _step(console, "measure the original", timings, "measure_original"):
+            metrics["original"], curvatures["original"] = measure(model.to(device), splits, job.eval_examples)
+
+    with _step(console, "convert", timings, "convert"):
+        if resume_state is not None:
+            converted = convert_with_options(model, None, ConvertOptions(beta=1.0, estimate_norms=False))
+        else:
             try:
                 converted = convert(model.to(device), calibration.to(device), beta=job.beta)
             except RuntimeError as error:
                 reason = str(error).strip().splitlines()[0][:200]
                 raise LcnnError(f"{spec} does not run at {height}x{width} ({reason}); try another --image-size") from error
-            converted = converted.cpu()
-        with _step(console, "save weights", timings, "save"):
-            save(converted, stage.path, spec)
-        with _step(console, f"export ONNX (opset {job.opset})", timings, "export"):
-            export_onnx(converted, stage.path / ONNX_FILE, calibration[:2], opset=job.opset)
-        with _step(console, "verify in onnxruntime", timings, "verify"):
-            parity = verify_onnx(converted, stage.path / ONNX_FILE, calibration, atol=job.atol, seed=job.seed + 1)
-        found = find_classifier(converted)
-        report = {
-            "model": job.model,
-            "source": spec.source,
-            "name": spec.name,
-            "num_classes": classifier_classes(found[1]) if found else None,
-            "input_size": [channels, height, width],
-            "pretrained": job.pretrained and job.weights is None,
-            "weights": str(job.weights) if job.weights else None,
-            "conversion": converted.conversion_report.to_dict(),
-            "parity": parity.to_dict(),
-            "files": {"onnx": ONNX_FILE, "weights": WEIGHTS_FILE, "report": REPORT_FILE},
-            "timings_s": timings,
-            "lcnn_convert_version": __version__,
+    conversion = resume_state["conversion"] if resume_state is not None else converted.conversion_report.to_dict()
+    if resume_state is None and splits is not None:
+        with _step(console, "measure the conversion", timings, "measure_converted"):
+            metrics["converted"], curvatures["converted"] = measure(converted.to(device), splits, job.eval_examples)
+
+    finetune_summary = None
+    if job.finetune:
+        checkpoint = out / CHECKPOINT_FILE
+        extra = {"identity": identity, "metrics": metrics, "curvatures": curvatures, "conversion": conversion}
+        start = time.perf_counter()
+        result = finetune(
+            converted, splits.train, splits.test, job.training, checkpoint_path=checkpoint, resume=resume_state,
+            device=device, console=console, extra_state=extra,
+        )  # fmt: skip
+        timings["finetune"] = round(time.perf_counter() - start, 3)
+        finetune_summary = result.summary()
+        with _step(console, "measure the fine-tuned model", timings, "measure_finetuned"):
+            metrics["finetuned"], curvatures["finetuned"] = measure(converted.to(device), splits, job.eval_examples)
+
+    converted = converted.cpu().eval()
+    with _step(console, "save weights", timings, "save"):
+        save(converted, out, spec)
+    with _step(console, f"export ONNX (opset {job.opset})", timings, "export"):
+        export_onnx(converted, out / ONNX_FILE, calibration[:2], opset=job.opset)
+    with _step(console, "verify in onnxruntime", timings, "verify"):
+        real = _first_examples(splits.test, 32) if splits is not None else calibration
+        parity = verify_onnx(converted, out / ONNX_FILE, real, atol=job.atol, seed=job.seed + 1)
+    files = {"onnx": ONNX_FILE, "weights": WEIGHTS_FILE, "report": REPORT_FILE}
+    if curvatures:
+        from .plots import plot_curvature, plot_training
+
+        plot_curvature(curvatures, out / CURVATURE_PLOT)
+        files["curvature_plot"] = CURVATURE_PLOT
+        if finetune_summary is not None:
+            plot_training(result.step_log, finetune_summary["history"], out / TRAINING_PLOT)
+            files["training_plot"] = TRAINING_PLOT
+            files["checkpoint"] = CHECKPOINT_FILE
+    report = {
+        "model": job.model,
+        "source": spec.source,
+        "name": spec.name,
+        "num_classes": _classes(converted),
+        "input_size": [channels, height, width],
+        "pretrained": job.pretrained and job.weights is None,
+        "weights": str(job.weights) if job.weights else None,
+        "dataset": job.dataset,
+        "conversion": conversion,
+        "parity": parity.to_dict(),
+        "files": files,
+        "timings_s": timings,
+        "lcnn_convert_version": __version__,
+    }
+    if metrics:
+        report["metrics"] = metrics
+        report["measurement"] = {
+            "examples": job.eval_examples,
+            "curvature": "power iteration (10 steps) on input Hessian-vector products of the cross-entropy",
+            "relu_models": "measured through a softplus(beta=1000) stand-in for ReLU, as the LCNN paper's baselines",
+            "pgd": "L2 eps 0.5 and Linf eps 8/255 in [0,1] pixel space, 10 steps, step 2.5*eps/steps, random start",
         }
-        report["conversion"]["beta"]["calibration_data"] = "random normal" if job.beta == "auto" else None
-        write_report(stage.path / REPORT_FILE, report)
-    report["output_dir"] = str(stage.final)
+    if finetune_summary is not None:
+        report["finetune"] = {**finetune_summary, "config": asdict(job.training)}
+    report["conversion"]["beta"]["calibration_data"] = (
+        f"{job.dataset} train" if splits is not None else "random normal"
+    ) if job.beta == "auto" else None  # fmt: skip
+    write_report(out / REPORT_FILE, report)
+    report["output_dir"] = str(out)
     return report
+
+
+def _classes(model: nn.Module) -> int | None:
+    found = find_classifier(model)
+    return classifier_classes(found[1]) if found else None
+
+
+def _check_resumable(state: dict[str, Any], identity: dict[str, Any], out: Path) -> None:
+    saved = state.get("identity", {})
+    different = [key for key in RESUME_KEYS if saved.get(key) != identity.get(key)]
+    if different:
+        detail = ", ".join(f"{key}: checkpoint {saved.get(key)!r} vs now {identity.get(key)!r}" for key in different)
+        raise LcnnError(f"cannot resume from {out / CHECKPOINT_FILE}: it belongs to another run ({detail})")

@@ -37,6 +37,52 @@ def _number(value: float | None, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}g}"
 
 
+METRIC_ROWS = (
+    ("accuracy", "accuracy", "{:.2%}"),
+    ("curvature_mean", "curvature (mean)", "{:.4g}"),
+    ("curvature_std", "curvature (std)", "{:.4g}"),
+    ("hessian_norm_mean", "Hessian norm (mean)", "{:.4g}"),
+    ("grad_norm_mean", "gradient norm (mean)", "{:.4g}"),
+    ("pgd_l2_accuracy", "PGD L2 accuracy", "{:.2%}"),
+    ("pgd_linf_accuracy", "PGD L∞ accuracy", "{:.2%}"),
+)
+
+
+def _change(before: float | None, after: float | None, key: str) -> str:
+    if before is None or after is None:
+        return "—"
+    if "accuracy" in key:
+        return f"{100 * (after - before):+.2f} pt"
+    if before > 0 and after > 0:
+        return f"÷{before / after:.3g}" if after < before else f"×{after / before:.3g}"
+    return "—"
+
+
+def metrics_table(metrics: dict[str, dict[str, Any]], finetune: dict[str, Any] | None = None) -> Table:
+    """original / converted / fine-tuned side by side, with the change from the original."""
+    columns = [name for name in ("original", "converted", "finetuned") if name in metrics]
+    table = Table(title="accuracy, curvature and robustness (test set)")
+    table.add_column("metric", style="bold")
+    for name in columns:
+        table.add_column(name, justify="right")
+        if name != "original" and "original" in metrics:
+            table.add_column("change", justify="right", style="cyan")
+    for key, label, fmt in METRIC_ROWS:
+        row = [label]
+        for name in columns:
+            value = metrics[name].get(key)
+            row.append("—" if value is None else fmt.format(value))
+            if name != "original" and "original" in metrics:
+                row.append(_change(metrics["original"].get(key), value, key))
+        table.add_row(*row)
+    if finetune:
+        table.caption = (
+            f"fine-tuned {finetune['epochs']} epochs / {finetune['steps']} steps in {finetune['seconds']:.0f}s; "
+            f"mean β {finetune['beta_mean']:.3g}, mean BN Lipschitz {finetune['lipschitz_mean']:.3g}"
+        )
+    return table
+
+
 def print_report(report: dict[str, Any], console: Console | None = None) -> None:
     """Print the conversion, parity and skipped-call sections of a report as tables."""
     console = console or Console()
@@ -64,6 +110,8 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         ties = f", {parity['near_ties']} near-ties set apart" if parity.get("near_ties") else ""
         table.add_row("  top-1 agreement", f"{parity['top1_agreement']:.2%} over {parity['num_inputs']} inputs{ties}")
     console.print(table)
+    if report.get("metrics"):
+        console.print(metrics_table(report["metrics"], report.get("finetune")))
     skipped = conversion["skipped"]
     if skipped:
         kept = Table(title="left as is", show_lines=False)

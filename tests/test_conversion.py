@@ -332,3 +332,13 @@ def test_softplus_sync_and_frozen_batchnorms_are_converted_exactly():
     exact = lc.convert(model, x, replace_activations=False)
     with torch.no_grad():
         assert relative_error(exact(x), model(x)) <= 1e-5
+
+
+def test_deepcopy_keeps_the_head_api_config_and_report(images):
+    import copy
+
+    converted = lc.convert(timm.create_model("resnet18", num_classes=10).eval(), images)
+    duplicate = copy.deepcopy(converted)
+    assert duplicate.classifier_path == "fc" and isinstance(duplicate.get_classifier(), NormalizedLinear)
+    assert duplicate.pretrained_cfg == converted.pretrained_cfg
+    assert duplicate.conversion_report.to_dict() == converted.conversion_report.to_dict()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -37,6 +38,14 @@ class LcnnGraphModule(fx.GraphModule):
     """A converted, traced model that keeps the head API timm users rely on."""
 
     classifier_path: str | None = None
+
+    def __deepcopy__(self, memo: dict) -> LcnnGraphModule:
+        # GraphModule's deepcopy rebuilds the module from its graph and drops plain attributes.
+        result = super().__deepcopy__(memo)
+        for name in ("classifier_path", "conversion_report", *KEPT_ATTRIBUTES):
+            if name in self.__dict__:
+                setattr(result, name, copy.deepcopy(self.__dict__[name], memo))
+        return result
 
     def get_classifier(self) -> nn.Module:
         if self.classifier_path is None:

@@ -1,0 +1,362 @@
+"""Stage 3, fine-tune: a short run with the LCNN regularisers, resumable epoch by epoch.
+
+loss = CE + lambda_beta * sum(beta) + lambda_gamma * sum(|log gamma|) [+ lambda_grad * mean ||d CE_i / dx||^2]
+
+Every epoch reseeds torch from (seed, epoch) and shuffles with its own generator, so an epoch's
+work depends only on the state at its start: a run resumed from an epoch checkpoint ends in the
+same state as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .errors import LcnnError
+from .io import atomic_file
+from .layers import CenteredSoftplus, LipschitzBatchNorm
+from .layers.normalized_linear import _OperatorNormalized
+
+CHECKPOINT_FILE = "checkpoint.pt"
+NO_DECAY_SUFFIXES = ("log_beta", "log_gamma", "scale")
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 3
+    max_steps: int | None = None
+    batch_size: int = 128
+    lr: float = 0.01
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    schedule: Literal["cosine", "onecycle"] = "cosine"
+    weight_decay: float = 5e-4
+    lambda_beta: float = 1e-2
+    lambda_gamma: float = 1e-3
+    lambda_grad: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.optimizer in ("sgd", "adamw"), f"--optimizer must be sgd or adamw, got {self.optimizer}"),
+            (self.schedule in ("cosine", "onecycle"), f"--schedule must be cosine or onecycle, got {self.schedule}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.lambda_beta >= 0, f"--lambda-beta must be >= 0, got {self.lambda_beta}"),
+            (self.lambda_gamma >= 0, f"--lambda-gamma must be >= 0, got {self.lambda_gamma}"),
+            (self.lambda_grad >= 0, f"--grad-norm must be >= 0, got {self.lambda_grad}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LcnnError(message)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    steps: int
+    loss: float
+    cross_entropy: float
+    beta_term: float
+    gamma_term: float
+    grad_term: float
+    beta_mean: float
+    gamma_mean: float
+    lipschitz_mean: float
+    test_accuracy: float
+    seconds: float
+    images_per_second: float
+
+
+@dataclass
+class FinetuneResult:
+    epochs: int
+    steps: int
+    seconds: float
+    history: list[EpochRecord] = field(default_factory=list)
+    step_log: dict[str, list[float]] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else None
+        return {
+            "epochs": self.epochs,
+            "steps": self.steps,
+            "seconds": round(self.seconds, 2),
+            "beta_mean": last.beta_mean if last else None,
+            "gamma_mean": last.gamma_mean if last else None,
+            "lipschitz_mean": last.lipschitz_mean if last else None,
+            "history": [asdict(record) for record in self.history],
+        }
+
+
+def regularisers(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of beta over centered softplus sites, sum of |log gamma| over Lipschitz BNs)."""
+    zero = next(model.parameters()).new_zeros(())
+    betas = [m.beta for m in model.modules() if isinstance(m, CenteredSoftplus) and m.log_beta.requires_grad]
+    gammas = [m.log_gamma.abs() for m in model.modules() if isinstance(m, LipschitzBatchNorm)]
+    return (torch.stack(betas).sum() if betas else zero), (torch.stack(gammas).sum() if gammas else zero)
+
+
+@torch.no_grad()
+def layer_statistics(model: nn.Module) -> dict[str, float]:
+    """Mean beta, mean gamma and mean Lipschitz constant of the Lipschitz BNs."""
+    betas = [m.beta.item() for m in model.modules() if isinstance(m, CenteredSoftplus)]
+    bns = [m for m in model.modules() if isinstance(m, LipschitzBatchNorm)]
+    return {
+        "beta_mean": float(np.mean(betas)) if betas else 0.0,
+        "gamma_mean": float(np.mean([m.log_gamma.exp().item() for m in bns])) if bns else 0.0,
+        "lipschitz_mean": float(np.mean([m.lipschitz_constant() for m in bns])) if bns else 0.0,
+    }
+
+
+def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """beta, gamma, explicit scales and 1-d tensors (BN affine, biases) get no weight decay."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if name.endswith(NO_DECAY_SUFFIXES) or parameter.ndim <= 1 else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
+    groups = _parameter_groups(model, config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: FinetuneConfig, total_steps: int):
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=max(total_steps, 1))
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.frombuffer(np.random.get_state()[1].tobytes(), dtype=np.uint8).copy()),
+        "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64),
+    }
+
+
+def _power_vectors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name: module._power_vector.detach().cpu()
+        for name, module in model.named_modules()
+        if isinstance(module, _OperatorNormalized) and module._power_vector is not None
+    }
+
+
+def _restore_power_vectors(model: nn.Module, vectors: dict[str, torch.Tensor], device: torch.device) -> None:
+    modules = dict(model.named_modules())
+    for name, vector in vectors.items():
+        modules[name]._power_vector = vector.to(device)
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: dict[str, Any]) -> None:
+    """Written atomically; read back with weights_only=True (tensors, numbers, strings only)."""
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "power_vectors": _power_vectors(model),
+        "rng": _rng_state(),
+        **state,
+    }
+    with atomic_file(path) as temporary:
+        torch.save(payload, temporary)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt zip, bad pickle data, ...
+        raise LcnnError(f"cannot read checkpoint {path}: {str(error).strip().splitlines()[0][:160]}") from error
+
+
+def _cross_entropy_and_grad_penalty(model: nn.Module, images, labels, lambda_grad: float):
+    if lambda_grad == 0:
+        return F.cross_entropy(model(images), labels), images.new_zeros(())
+    images = images.detach().requires_grad_(True)
+    per_example = F.cross_entropy(model(images), labels, reduction="none")
+    (input_gradient,) = torch.autograd.grad(per_example.sum(), images, create_graph=True)
+    penalty = input_gradient.flatten(1).square().sum(1).mean()
+    return per_example.mean(), penalty
+
+
+@torch.no_grad()
+def test_accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for images, labels in loader:
+        predictions = model(images.to(device)).argmax(1).cpu()
+        correct += int((predictions == labels).sum())
+        total += len(labels)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def finetune(
+    model: nn.Module,
+    train: Dataset,
+    test: Dataset,
+    config: FinetuneConfig,
+    checkpoint_path: Path | None = None,
+    resume: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    console: Console | None = None,
+    on_epoch_end: Callable[[EpochRecord], None] | None = None,
+    extra_state: dict[str, Any] | None = None,
+) -> FinetuneResult:
+    """Fine-tune ``model`` in place; checkpoint after each epoch; continue from ``resume``.
+
+    ``extra_state`` (tensors, numbers, strings, lists and dicts of them) is stored in every
+    checkpoint beside the training state, for the caller to read back on resume.
+
+    Stops with an LcnnError (the last epoch checkpoint left intact) if the loss becomes NaN/Inf.
+    """
+    config.validate()
+    device = torch.device(device)
+    console = console or Console(stderr=True)
+    model.to(device).train()
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    optimizer = _optimizer(model, config)
+    scheduler = _scheduler(optimizer, config, total_steps)
+    test_loader = DataLoader(test, batch_size=256, shuffle=False)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    result = FinetuneResult(epochs=0, steps=0, seconds=0.0, step_log={"loss": [], "beta_mean": [], "gamma_mean": []})
+    start_epoch = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        _restore_power_vectors(model, resume.get("power_vectors", {}), device)
+        start_epoch = int(resume["epoch"])
+        result.steps = int(resume["steps"])
+        result.seconds = float(resume["seconds"])
+        result.history = [EpochRecord(**record) for record in resume["history"]]
+        result.step_log = {key: list(values) for key, values in resume["step_log"].items()}
+        result.epochs = start_epoch
+        console.print(f"[cyan]resuming[/cyan] after epoch {start_epoch} (step {result.steps})")
+
+    for epoch in range(start_epoch, config.epochs):
+        if config.max_steps is not None and result.steps >= config.max_steps:
+            break
+        torch.manual_seed(config.seed * 1_000_003 + epoch)
+        order = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=order, drop_last=False)
+        totals = {"loss": 0.0, "cross_entropy": 0.0, "beta_term": 0.0, "gamma_term": 0.0, "grad_term": 0.0}
+        seen = batches = 0
+        started = time.perf_counter()
+        columns = (
+            TextColumn(f"epoch {epoch + 1}/{config.epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[stats]}"),
+        )
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("train", total=len(loader), stats="")
+            for images, labels in loader:
+                if config.max_steps is not None and result.steps >= config.max_steps:
+                    break
+                images, labels = images.to(device), labels.to(device)
+                with torch.autocast(device_type=device.type, enabled=use_amp):
+                    cross_entropy, grad_penalty = _cross_entropy_and_grad_penalty(
+                        model, images, labels, config.lambda_grad
+                    )
+                beta_sum, gamma_sum = regularisers(model)
+                terms = {
+                    "cross_entropy": cross_entropy.float(),
+                    "beta_term": config.lambda_beta * beta_sum,
+                    "gamma_term": config.lambda_gamma * gamma_sum,
+                    "grad_term": config.lambda_grad * grad_penalty.float(),
+                }
+                loss = sum(terms.values())
+                if not torch.isfinite(loss):
+                    kept = f"the last good checkpoint (epoch {epoch}) is kept" if epoch else "no checkpoint was written"
+                    raise LcnnError(
+                        f"loss became {loss.item()} at epoch {epoch + 1}, step {result.steps + 1}; stopped, "
+                        f"{kept}; try a lower --lr"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                result.steps += 1
+                batches += 1
+                seen += len(labels)
+                totals["loss"] += loss.item()
+                for key, value in terms.items():
+                    totals[key] += value.item()
+                statistics = layer_statistics(model)
+                result.step_log["loss"].append(loss.item())
+                result.step_log["beta_mean"].append(statistics["beta_mean"])
+                result.step_log["gamma_mean"].append(statistics["gamma_mean"])
+                rate = seen / max(time.perf_counter() - started, 1e-9)
+                progress.update(
+                    task,
+                    advance=1,
+                    stats=(
+                        f"loss {totals['loss'] / batches:.3f} ce {totals['cross_entropy'] / batches:.3f} "
+                        f"β-term {totals['beta_term'] / batches:.3f} γ-term {totals['gamma_term'] / batches:.3f} "
+                        f"β̄ {statistics['beta_mean']:.2f} {rate:.0f} img/s"
+                    ),
+                )
+        seconds = time.perf_counter() - started
+        accuracy = test_accuracy(model, test_loader, device)
+        statistics = layer_statistics(model)
+        record = EpochRecord(
+            epoch=epoch + 1,
+            steps=result.steps,
+            **{key: value / max(batches, 1) for key, value in totals.items()},
+            **statistics,
+            test_accuracy=accuracy,
+            seconds=seconds,
+            images_per_second=seen / max(seconds, 1e-9),
+        )
+        result.history.append(record)
+        result.epochs = epoch + 1
+        result.seconds += seconds
+        console.print(
+            f"epoch {epoch + 1}: loss {record.loss:.4f}, test accuracy {accuracy:.2%}, "
+            f"mean β {record.beta_mean:.3g}, mean γ {record.gamma_mean:.3g} ({seconds:.1f}s)"
+        )
+        if checkpoint_path is not None:
+            state = {
+                "epoch": epoch + 1,
+                "steps": result.steps,
+                "seconds": result.seconds,
+                "history": [asdict(item) for item in result.history],
+                "step_log": result.step_log,
+                "config": asdict(config),
+                **(extra_state or {}),
+            }
+            save_checkpoint(checkpoint_path, model, optimizer, scheduler, state)
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+    model.eval()
+    return result

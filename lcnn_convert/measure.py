@@ -1,0 +1,313 @@
+"""Measure what an LCNN is for: normalized input curvature, clean accuracy and PGD robustness.
+
+Curvature follows the paper's protocol (../shared/LCNN_NOTES.md): per example, the spectral norm of
+the input Hessian of the cross-entropy by power iteration on Hessian-vector products, divided by
+the input-gradient norm. Models with ReLUs are measured through a softplus(beta=1000) stand-in,
+as the paper's baselines were: ReLU's second derivative is zero almost everywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from .conversion.calibrate import first_tensor
+from .conversion.graph_pass import apply_rules
+from .conversion.module_swap import swap_modules
+from .conversion.rules import DEFAULT_RULES
+from .conversion.tracing import trace
+from .models import IMAGENET_MEAN, IMAGENET_STD
+
+logger = logging.getLogger(__name__)
+
+Norm = Literal["l2", "linf"]
+# A Dataset of (image, label) pairs, or an (images, labels) pair of tensors.
+Data = Dataset | tuple[torch.Tensor, torch.Tensor]
+
+# The usual benchmark budgets for images in [0, 1]. The default step size, 2.5 * eps / steps
+# (Madry et al.), lets PGD reach the ball's boundary from any starting point within its steps.
+PGD_DEFAULTS: dict[str, dict[str, float]] = {"linf": {"eps": 8 / 255, "steps": 10}, "l2": {"eps": 0.5, "steps": 10}}
+RELU_RULES = tuple(rule for rule in DEFAULT_RULES if rule.name.startswith("relu"))
+
+
+@dataclass(frozen=True)
+class CurvatureStats:
+    """Normalized curvature C(x) = ||H(x)|| / (||g(x)|| + eps) and its parts, over the measured examples.
+
+    Standard deviations are population ones (numpy's default). ``relu_stand_in_beta`` is the
+    softplus beta that stood in for the model's ReLUs, or None when the model was measured as is.
+    """
+
+    curvature_mean: float
+    curvature_std: float
+    hessian_norm_mean: float
+    hessian_norm_std: float
+    grad_norm_mean: float
+    grad_norm_std: float
+    num_examples: int
+    per_example_curvature: tuple[float, ...]
+    relu_stand_in_beta: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary without the per-example values (those are for histograms, not reports)."""
+        summary = {field.name: getattr(self, field.name) for field in fields(self)}
+        del summary["per_example_curvature"]
+        return summary
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for the duration, then every submodule's own previous mode (they may differ)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    tensors = [*model.parameters(), *model.buffers()]
+    floating = next((tensor for tensor in tensors if tensor.is_floating_point()), None)
+    if floating is None:
+        return torch.device("cpu"), torch.float32
+    return floating.device, floating.dtype
+
+
+def _batches(
+    data: Data, max_examples: int | None, batch_size: int, device: torch.device, dtype: torch.dtype
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``max_examples`` examples in order, in batches on the model's device and dtype."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    is_tensor_pair = isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(d) for d in data)
+    total = len(data[0]) if is_tensor_pair else len(data)
+    count = total if max_examples is None else min(total, max_examples)
+    if count < 1:
+        raise ValueError("no examples to measure: the data is empty or max_examples < 1")
+    for start in range(0, count, batch_size):
+        stop = min(start + batch_size, count)
+        if is_tensor_pair:
+            images, labels = data[0][start:stop], torch.as_tensor(data[1][start:stop])
+        else:
+            pairs = [data[index] for index in range(start, stop)]
+            images = torch.stack([torch.as_tensor(image) for image, _ in pairs])
+            labels = torch.as_tensor([int(label) for _, label in pairs])
+        yield images.to(device=device, dtype=dtype), labels.to(device=device, dtype=torch.long)
+
+
+def _per_example_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each example, shaped to broadcast against the batch."""
+    return tensor.flatten(1).norm(dim=1).view(-1, *[1] * (tensor.dim() - 1))
+
+
+def _nonzero(norm: torch.Tensor) -> torch.Tensor:
+    """A norm safe to divide by: an all-zero Hessian product or gradient then stays zero."""
+    return norm.clamp_min(torch.finfo(norm.dtype).tiny)
+
+
+def _relu_stand_in(model: nn.Module, beta: float) -> tuple[nn.Module, list[str]]:
+    """The stand-in and the paths of the softplus layers that replaced ReLUs (empty: no ReLU)."""
+    stand_in = copy.deepcopy(model).eval()
+    replaced: list[str] = []
+    try:
+        stand_in = trace(stand_in)
+    except Exception as error:  # tracing fails in many ways (TraceError, TypeError, ...)
+        reason = type(error).__name__
+        logger.warning("fx tracing failed (%s); functional relu calls cannot get a softplus stand-in", reason)
+    else:
+        replaced, _ = apply_rules(stand_in, RELU_RULES, beta=beta, replace_activations=True)
+    # ReLU modules inside leaf modules (timm's BatchNormAct2d.act) are not graph nodes; after a
+    # failed trace, no ReLU module is. Functional relus of an untraceable model stay ReLUs.
+    swapped, _ = swap_modules(stand_in, RELU_RULES, beta, replace_activations=True)
+    replaced += swapped
+    for path in replaced:
+        stand_in.get_submodule(path).requires_grad_(False)
+    return stand_in.eval(), replaced
+
+
+def relu_stand_in(model: nn.Module, beta: float = 1000.0) -> nn.Module:
+    """A copy of ``model`` in eval mode with every ReLU call replaced by a fixed-beta centered softplus.
+
+    Everything else is unchanged, so the copy computes nearly the same function (each activation
+    moves by at most log(2)/beta) but has a second derivative autograd can see.
+    """
+    return _relu_stand_in(model, beta)[0]
+
+
+def _curvature_of_batch(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, first_index: int, iterations: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example curvature, Hessian norm and gradient norm of one batch.
+
+    In eval mode the examples do not interact, so the Hessian of the summed loss is block diagonal
+    and one Hessian-vector product of the batch holds every example's own product.
+    """
+    x = images.detach().clone().requires_grad_(True)
+    loss = F.cross_entropy(first_tensor(model(x)), labels, reduction="sum")
+    (gradient,) = torch.autograd.grad(loss, x, create_graph=True)
+    # One seed per example index: an example's estimate does not depend on batch_size or its neighbours.
+    starts = [
+        torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(first_index + offset), dtype=x.dtype)
+        for offset in range(len(x))
+    ]
+    vector = torch.stack(starts).to(x.device)
+    vector = vector / _nonzero(_per_example_norm(vector))
+    for _ in range(iterations):
+        (product,) = torch.autograd.grad(gradient, x, grad_outputs=vector, retain_graph=True)
+        hessian_norm = _per_example_norm(product)
+        vector = product / _nonzero(hessian_norm)
+    hessian_norm = hessian_norm.flatten()
+    grad_norm = gradient.detach().flatten(1).norm(dim=1)
+    return hessian_norm / (grad_norm + eps), hessian_norm, grad_norm
+
+
+def estimate_curvature(
+    model: nn.Module,
+    data: Data,
+    iterations: int = 10,
+    max_examples: int = 256,
+    batch_size: int = 64,
+    relu_beta: float = 1000.0,
+    eps: float = 1e-12,
+) -> CurvatureStats:
+    """Normalized input curvature of ``model`` on the first ``max_examples`` examples of ``data``.
+
+    The Hessian norm is ``iterations`` steps of power iteration from a seeded random vector, so
+    the result is deterministic. A model with ReLUs is measured through ``relu_stand_in(model,
+    relu_beta)``; ``relu_stand_in_beta`` in the result says so.
+    """
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    stand_in, replaced = _relu_stand_in(model, relu_beta)
+    measured = stand_in if replaced else model
+    device, dtype = _device_and_dtype(measured)
+    parts: list[tuple[torch.Tensor, ...]] = []
+    with _eval_mode(measured), torch.enable_grad():
+        first_index = 0
+        for images, labels in _batches(data, max_examples, batch_size, device, dtype):
+            batch = _curvature_of_batch(measured, images, labels, first_index, iterations, eps)
+            parts.append(tuple(values.detach().double().cpu() for values in batch))
+            first_index += len(images)
+    curvature, hessian_norm, grad_norm = (torch.cat(values).numpy() for values in zip(*parts))
+    return CurvatureStats(
+        curvature_mean=float(np.mean(curvature)),
+        curvature_std=float(np.std(curvature)),
+        hessian_norm_mean=float(np.mean(hessian_norm)),
+        hessian_norm_std=float(np.std(hessian_norm)),
+        grad_norm_mean=float(np.mean(grad_norm)),
+        grad_norm_std=float(np.std(grad_norm)),
+        num_examples=len(curvature),
+        per_example_curvature=tuple(float(value) for value in curvature),
+        relu_stand_in_beta=float(relu_beta) if replaced else None,
+    )
+
+
+def evaluate_accuracy(model: nn.Module, data: Data, max_examples: int | None = None, batch_size: int = 256) -> float:
+    """Top-1 accuracy on the first ``max_examples`` examples of ``data`` (all when None)."""
+    device, dtype = _device_and_dtype(model)
+    correct = total = 0
+    with _eval_mode(model), torch.no_grad():
+        for images, labels in _batches(data, max_examples, batch_size, device, dtype):
+            correct += int((first_tensor(model(images)).argmax(-1) == labels).sum())
+            total += len(labels)
+    return correct / total
+
+
+def pgd_attack(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    norm: Norm,
+    eps: float,
+    steps: int,
+    step_size: float | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
+    """Normalized adversarial images: PGD with a random start, maximizing cross-entropy.
+
+    The budget is in pixel space (images in [0, 1]), where eps values are conventionally stated:
+    the perturbation is built on p = x * std + mean and kept in the eps-ball and in [0, 1].
+    ``step_size`` None means 2.5 * eps / steps. The random start is seeded, so the attack is
+    deterministic.
+    """
+    if norm not in ("l2", "linf"):
+        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    if eps < 0 or steps < 0:
+        raise ValueError(f"eps and steps must be >= 0, got eps={eps}, steps={steps}")
+    step_size = 2.5 * eps / max(steps, 1) if step_size is None else step_size
+    images = images.detach()
+    shape = (1, -1, *[1] * (images.dim() - 2))
+    mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(shape)
+    std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(shape)
+    pixels = images * std_t + mean_t
+
+    def within_budget(delta: torch.Tensor) -> torch.Tensor:
+        if norm == "linf":
+            delta = delta.clamp(-eps, eps)
+        else:
+            delta = delta * (eps / _nonzero(_per_example_norm(delta))).clamp(max=1.0)
+        # Clamping each pixel to [0, 1] only shrinks |delta_i|, so the ball constraint still holds.
+        return (pixels + delta).clamp(0.0, 1.0) - pixels
+
+    generator = torch.Generator().manual_seed(0)
+    if norm == "linf":
+        start = (2 * torch.rand(images.shape, generator=generator, dtype=images.dtype) - 1) * eps
+    else:
+        direction = torch.randn(images.shape, generator=generator, dtype=images.dtype)
+        radius = eps * torch.rand((len(images), *[1] * (images.dim() - 1)), generator=generator, dtype=images.dtype)
+        start = direction / _nonzero(_per_example_norm(direction)) * radius
+    delta = within_budget(start.to(images.device))
+    with _eval_mode(model), torch.enable_grad():
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            # Adding delta / std to the inputs, rather than renormalizing the pixels, leaves them
+            # bit-exact where delta is zero (eps = 0 reproduces the clean predictions).
+            logits = first_tensor(model(images + delta / std_t))
+            (gradient,) = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"), delta)
+            with torch.no_grad():
+                if norm == "linf":
+                    step = gradient.sign()
+                else:
+                    step = gradient / _nonzero(_per_example_norm(gradient))
+                delta = within_budget(delta + step_size * step)
+    return (images + delta / std_t).detach()
+
+
+def adversarial_accuracy(
+    model: nn.Module,
+    data: Data,
+    norm: Norm,
+    eps: float | None = None,
+    steps: int | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    max_examples: int = 256,
+    batch_size: int = 64,
+) -> float:
+    """Accuracy under ``pgd_attack`` on the first ``max_examples`` examples; PGD_DEFAULTS fill eps/steps."""
+    if norm not in PGD_DEFAULTS:
+        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    eps = PGD_DEFAULTS[norm]["eps"] if eps is None else eps
+    steps = int(PGD_DEFAULTS[norm]["steps"]) if steps is None else steps
+    device, dtype = _device_and_dtype(model)
+    correct = total = 0
+    with _eval_mode(model):
+        for images, labels in _batches(data, max_examples, batch_size, device, dtype):
+            adversarial = pgd_attack(model, images, labels, norm, eps, steps, None, mean, std)
+            with torch.no_grad():
+                correct += int((first_tensor(model(adversarial)).argmax(-1) == labels).sum())
+            total += len(labels)
+    return correct / total

@@ -1,0 +1,119 @@
+"""lcnn-convert --finetune / --eval end to end, kill -9 and --resume, and the bad inputs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import assert_one_line_error
+
+FAST = ("resnet18", "--no-pretrained", "--image-size", "16", "--batch-size", "256", "--eval-examples", "16")
+METRIC_KEYS = {
+    "accuracy", "curvature_mean", "curvature_std", "hessian_norm_mean", "grad_norm_mean",
+    "pgd_l2_accuracy", "pgd_linf_accuracy",
+}  # fmt: skip
+
+
+def lcnn_convert(*args) -> list[str]:
+    return [str(Path(sys.executable).parent / "lcnn-convert"), *map(str, args)]
+
+
+@pytest.mark.slow
+def test_finetune_digits_writes_metrics_plots_and_checkpoint(tmp_path, cli):
+    out = tmp_path / "out"
+    result = cli(*FAST, "--finetune", "digits", "--epochs", "2", "-o", out)
+    assert result.code == 0, result.err
+    assert "accuracy, curvature and robustness" in result.out and "finetuned" in result.out
+    names = sorted(path.name for path in out.iterdir())
+    assert names == ["checkpoint.pt", "curvature.png", "model.onnx", "model.safetensors", "report.json", "training.png"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"] == "digits" and report["num_classes"] == 10
+    assert set(report["metrics"]) == {"original", "converted", "finetuned"}
+    for metrics in report["metrics"].values():
+        assert METRIC_KEYS <= set(metrics)
+        assert metrics["curvature_examples"] == 16
+    assert report["metrics"]["original"]["relu_stand_in_beta"] == 1000.0
+    assert report["metrics"]["finetuned"]["relu_stand_in_beta"] is None
+    finetune = report["finetune"]
+    assert finetune["epochs"] == 2 and finetune["steps"] == 12 and finetune["seconds"] > 0
+    assert {"beta_mean", "lipschitz_mean", "history", "config"} <= set(finetune)
+    assert report["parity"]["passed"]
+    for picture in ("curvature.png", "training.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_eval_only_measures_original_and_converted(tmp_path, cli):
+    result = cli(*FAST, "--eval", "digits", "-o", tmp_path / "out", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert set(report["metrics"]) == {"original", "converted"} and "finetune" not in report
+    assert report["conversion"]["beta"]["calibration_data"] == "digits train"
+
+
+@pytest.mark.slow
+def test_kill_minus_9_then_resume_matches_an_uninterrupted_run(tmp_path):
+    args = (*FAST, "--finetune", "digits", "--epochs", "3")
+    straight = subprocess.run(lcnn_convert(*args, "-o", tmp_path / "straight"), capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen(lcnn_convert(*args, "-o", out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (out / "checkpoint.pt").exists() and not (out / "report.json").exists()
+    # Only complete files under their real names; a write killed midway leaves at most a hidden temp file.
+    assert all(path.name in ("checkpoint.pt",) or path.name.startswith(".") for path in out.iterdir())
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert 1 <= checkpoint["epoch"] < 3
+
+    resumed = subprocess.run(lcnn_convert(*args, "-o", out, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch" in resumed.stderr
+    expected, actual = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    report = json.loads((out / "report.json").read_text())
+    reference = json.loads((tmp_path / "straight" / "report.json").read_text())
+    assert report["metrics"] == reference["metrics"]
+    assert report["finetune"]["steps"] == reference["finetune"]["steps"] == 18
+
+
+def test_finetune_bad_inputs_leave_an_existing_output_untouched(tmp_path, cli):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"an earlier run")
+    empty = tmp_path / "empty"
+    (empty / "train" / "a").mkdir(parents=True)
+    (empty / "val" / "a").mkdir(parents=True)
+    cases = [
+        (("--finetune", "digits", "--epochs", "0"), "--epochs must be >= 1"),
+        (("--finetune", "digits", "--lambda-beta", "-1"), "--lambda-beta must be >= 0"),
+        (("--finetune", "digits", "--grad-norm", "-0.5"), "--grad-norm must be >= 0"),
+        (("--finetune", f"folder:{tmp_path / 'missing'}"), "missing"),
+        (("--finetune", f"folder:{empty}"), "no images"),
+        (("--finetune", "digits", "--num-classes", "5"), "--num-classes 5 conflicts with digits, which has 10 classes"),
+        (("--finetune", "cifar10", "--data-dir", tmp_path / "data"), "cifar-10-batches-py"),
+        (("--finetune", "nosuchdata"), "unknown dataset"),
+        (("--eval", "digits", "--resume"), "--resume continues a --finetune run"),
+    ]
+    for args, message in cases:
+        result = cli(*FAST, *args, "-o", out, "--overwrite")
+        assert_one_line_error(result, message)
+        assert [path.name for path in out.iterdir()] == ["checkpoint.pt"], args
+        assert (out / "checkpoint.pt").read_bytes() == b"an earlier run"
+    assert_one_line_error(cli(*FAST, "--finetune", "digits", "-o", tmp_path / "fresh", "--resume"), "nothing to resume")
+    assert not (tmp_path / "fresh").exists()
+    assert_one_line_error(cli(*FAST, "--finetune", "digits", "-o", out), "not empty", "--resume")
+    assert_one_line_error(cli(*FAST, "--finetune", "digits", "-o", out, "--resume"), "cannot read checkpoint")

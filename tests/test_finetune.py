@@ -1,0 +1,115 @@
+"""Stage 3: fine-tuning with the LCNN regularisers, checkpoints, resume and failure handling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import lcnn_convert as lc
+from lcnn_convert.finetune import FinetuneConfig, _parameter_groups, finetune, load_checkpoint, regularisers
+
+from .conftest import SmallDigitsNet
+
+
+@pytest.fixture(scope="module")
+def digit_tensors(digits):
+    images, labels = digits
+    return TensorDataset(images[:512], labels[:512]), TensorDataset(images[1500:], labels[1500:])
+
+
+def converted_net(digits, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return lc.convert(SmallDigitsNet().eval(), digits[0][:64], beta=20.0)
+
+
+def test_regularisers_sum_beta_and_abs_log_gamma(digits):
+    model = converted_net(digits)
+    beta_sum, gamma_sum = regularisers(model)
+    betas = [m.beta for m in model.modules() if isinstance(m, lc.CenteredSoftplus)]
+    gammas = [m.log_gamma for m in model.modules() if isinstance(m, lc.LipschitzBatchNorm)]
+    assert beta_sum.item() == pytest.approx(sum(b.item() for b in betas)) == pytest.approx(40.0, rel=1e-5)
+    assert gamma_sum.item() == pytest.approx(sum(abs(g.item()) for g in gammas))
+    groups = _parameter_groups(model, 5e-4)
+    no_decay = {id(p) for p in groups[1]["params"]}
+    assert groups[1]["weight_decay"] == 0.0
+    assert all(id(m.log_beta) in no_decay for m in model.modules() if isinstance(m, lc.CenteredSoftplus))
+    assert all(id(m.log_gamma) in no_decay for m in model.modules() if isinstance(m, lc.LipschitzBatchNorm))
+    assert all(p.ndim > 1 for p in groups[0]["params"])
+
+
+def test_finetuning_learns_and_the_beta_penalty_lowers_beta(digits, digit_tensors):
+    train, test = digit_tensors
+    model = converted_net(digits)
+    config = FinetuneConfig(epochs=2, batch_size=64, lr=0.05, lambda_beta=0.05)
+    result = finetune(model, train, test, config)
+    assert [record.epoch for record in result.history] == [1, 2] and result.steps == 16
+    assert result.history[-1].test_accuracy > 0.7
+    assert result.history[-1].beta_mean < 20.0
+    assert result.history[-1].loss < result.history[0].loss
+    assert not model.training
+    for record in result.history:
+        assert record.loss == pytest.approx(
+            record.cross_entropy + record.beta_term + record.gamma_term + record.grad_term, rel=1e-5
+        )
+    with_penalty = finetune(converted_net(digits), train, test, FinetuneConfig(epochs=1, batch_size=64, lambda_grad=1.0))
+    assert with_penalty.history[0].grad_term > 0
+
+
+def test_resumed_run_ends_in_the_same_state(digits, digit_tensors, tmp_path):
+    train, test = digit_tensors
+    config = FinetuneConfig(epochs=3, batch_size=64, lr=0.05)
+    straight = converted_net(digits)
+    finetune(straight, train, test, config, checkpoint_path=tmp_path / "straight.pt")
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_first(record):
+        if record.epoch == 1:
+            raise Interrupted
+
+    interrupted = converted_net(digits)
+    with pytest.raises(Interrupted):
+        finetune(interrupted, train, test, config, checkpoint_path=tmp_path / "ckpt.pt", on_epoch_end=stop_after_first)
+    state = load_checkpoint(tmp_path / "ckpt.pt")
+    assert state["epoch"] == 1
+    resumed = converted_net(digits, seed=123)  # different initial weights: all state must come from the file
+    result = finetune(resumed, train, test, config, checkpoint_path=tmp_path / "ckpt.pt", resume=state)
+    assert result.epochs == 3 and len(result.history) == 3
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits, digit_tensors, tmp_path):
+    train, test = digit_tensors
+    model = converted_net(digits)
+    checkpoint = tmp_path / "ckpt.pt"
+
+    def poison(record):
+        with torch.no_grad():
+            model.get_submodule("fc").weight.fill_(float("nan"))
+
+    config = FinetuneConfig(epochs=3, batch_size=64)
+    with pytest.raises(lc.LcnnError, match=r"loss became nan at epoch 2, step 9; stopped, the last good checkpoint \(epoch 1\)"):
+        finetune(model, train, test, config, checkpoint_path=checkpoint, on_epoch_end=poison)
+    state = load_checkpoint(checkpoint)
+    assert state["epoch"] == 1
+    assert torch.isfinite(state["model"]["fc.weight"]).all()
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("epochs", 0, "--epochs must be >= 1"),
+        ("lambda_beta", -1.0, "--lambda-beta must be >= 0"),
+        ("lambda_gamma", -0.1, "--lambda-gamma must be >= 0"),
+        ("lambda_grad", -2.0, "--grad-norm must be >= 0"),
+        ("lr", 0.0, "--lr must be > 0"),
+        ("batch_size", 0, "--batch-size must be >= 1"),
+    ],
+)
+def test_invalid_training_options(field, value, message):
+    with pytest.raises(lc.LcnnError, match=message):
+        FinetuneConfig(**{field: value}).validate()
