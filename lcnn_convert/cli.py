@@ -83,7 +83,7 @@ def convert_command(
     schedule: Annotated[str, typer.Option(help="cosine or onecycle.")] = "cosine",
     weight_decay: Annotated[float, typer.Option(help="Weight decay (never on beta, gamma, scales, biases).")] = 5e-4,
     lambda_beta: Annotated[float, typer.Option(help="Weight of sum(beta) in the loss.")] = 1e-2,
-    lambda_gamma: Annotated[float, typer.Option(help="Weight of sum(|log gamma|) in the loss.")] = 1e-3,
+    lambda_gamma: Annotated[float, typer.Option(help="Weight of sum(|log gamma|) in the loss.")] = 1e-2,
     grad_norm: Annotated[
         float, typer.Option(help="Weight of the input-gradient-norm penalty (double backprop; 0 = off).")
     ] = 0.0,

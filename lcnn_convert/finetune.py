@@ -44,7 +44,7 @@ class FinetuneConfig:
     schedule: Literal["cosine", "onecycle"] = "cosine"
     weight_decay: float = 5e-4
     lambda_beta: float = 1e-2
-    lambda_gamma: float = 1e-3
+    lambda_gamma: float = 1e-2
     lambda_grad: float = 0.0
     seed: int = 0
 
