@@ -1,18 +1,19 @@
 """lcnn_convert: turn pretrained CNNs into low-curvature networks, export them, prove parity.
 
-Pipeline: load_model -> convert -> (fine-tune) -> export_onnx -> verify_onnx -> report.
+Pipeline: load_model -> convert -> fine-tune -> export_onnx -> verify_onnx -> measure/report.
 """
 
+__version__ = "0.1.0"
+
+from . import measure
+from .artifacts import load
 from .conversion import DEFAULT_RULES, ConversionReport, ReplacementRule, RuleContext, convert
 from .errors import LcnnError
-from .layers import CenteredSoftplus, LipschitzBatchNorm, LipschitzBatchNormAct, NormalizedConv, NormalizedLinear
-from .artifacts import load
 from .export import export_onnx
+from .layers import CenteredSoftplus, LipschitzBatchNorm, LipschitzBatchNormAct, NormalizedConv, NormalizedLinear
+from .measure import adversarial_accuracy, estimate_curvature
 from .models import load_model
-from . import measure
 from .verify import ParityResult, verify_onnx
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_RULES",
@@ -23,12 +24,15 @@ __all__ = [
     "LipschitzBatchNormAct",
     "NormalizedConv",
     "NormalizedLinear",
+    "ParityResult",
     "ReplacementRule",
     "RuleContext",
-    "ParityResult",
+    "adversarial_accuracy",
     "convert",
+    "estimate_curvature",
     "export_onnx",
     "load",
     "load_model",
+    "measure",
     "verify_onnx",
 ]

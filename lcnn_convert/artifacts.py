@@ -18,7 +18,7 @@ from safetensors.torch import save_model as save_safetensors_from
 from torch import nn
 
 from .conversion import ConvertOptions, convert_with_options
-from .errors import LcnnError
+from .errors import LcnnError, first_line
 from .io import atomic_file
 from .models import ModelSpec, classifier_classes, find_classifier, load_model_with_spec
 
@@ -83,7 +83,7 @@ def load(path: str | Path) -> nn.Module:
     try:
         missing, unexpected = load_safetensors_into(model, str(weights), strict=False)
     except (SafetensorError, RuntimeError) as error:
-        raise LcnnError(f"{weights} does not fit the rebuilt model: {str(error).splitlines()[0][:200]}") from error
+        raise LcnnError(f"{weights} does not fit the rebuilt model: {first_line(error)}") from error
     if missing or unexpected:
         detail = f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
         raise LcnnError(f"{weights} does not fit the rebuilt {metadata['name']}: {detail}")

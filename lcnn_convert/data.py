@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from .errors import LcnnError
+from .errors import LcnnError, first_line
 from .models import DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn", "folder:PATH")
@@ -342,11 +342,6 @@ def _where_to_put(what: str, root: Path, source: str) -> str:
     return f"put {what} into {root} (from {source}) or pass --data-dir"
 
 
-def _short_reason(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:160] if text else type(error).__name__
-
-
 def _load_cifar(layout: _CifarLayout, root: Path, preprocessing: _Preprocessing, download: bool) -> DatasetSplits:
     folder = root / layout.folder
     where = _where_to_put(f"the extracted '{layout.folder}' folder", root, layout.url)
@@ -358,7 +353,7 @@ def _load_cifar(layout: _CifarLayout, root: Path, preprocessing: _Preprocessing,
         try:
             download_and_extract_archive(layout.url, str(root), filename=layout.archive, md5=layout.archive_md5)
         except DOWNLOAD_ERRORS as error:
-            raise LcnnError(f"could not download {layout.name} ({_short_reason(error)}); {where}") from error
+            raise LcnnError(f"could not download {layout.name} ({first_line(error)}); {where}") from error
         if not folder.is_dir():
             raise LcnnError(f"the {layout.name} archive did not contain '{layout.folder}'; {where}")
     train_batches = [_cifar_batch(folder / file, layout) for file in layout.train_files]
@@ -382,7 +377,7 @@ def _read_svhn_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         content = loadmat(str(path), variable_names=["X", "y"])
     except Exception as error:  # scipy reports damaged .mat files with many exception types
-        raise LcnnError(f"cannot read {path}: not a valid SVHN .mat file ({_short_reason(error)})") from error
+        raise LcnnError(f"cannot read {path}: not a valid SVHN .mat file ({first_line(error)})") from error
     images, labels = content.get("X"), content.get("y")
     if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[:3] != (32, 32, 3):
         found = f"shape {images.shape}" if isinstance(images, np.ndarray) else "nothing"
@@ -409,7 +404,7 @@ def _load_svhn(root: Path, preprocessing: _Preprocessing, download: bool) -> Dat
             try:
                 download_url(SVHN_PAGE + file, str(root), filename=file, md5=md5)
             except DOWNLOAD_ERRORS as error:
-                raise LcnnError(f"could not download svhn {file} ({_short_reason(error)}); {where}") from error
+                raise LcnnError(f"could not download svhn {file} ({first_line(error)}); {where}") from error
     train_images, train_labels = _read_svhn_split(root / SVHN_FILES["train"][0])
     test_images, test_labels = _read_svhn_split(root / SVHN_FILES["test"][0])
     # Random crops only: flipping a house number makes a different (or no) digit.
@@ -436,7 +431,7 @@ def _load_folder(path_text: str, preprocessing: _Preprocessing) -> DatasetSplits
             splits[split] = ImageFolder(str(split_dir), transform=_pil_transform(preprocessing, None, augment, augment))
         except FileNotFoundError as error:
             raise LcnnError(
-                f"no images found in {split_dir} ({_short_reason(error)}): expected {split_dir}/<class>/*.png|jpg"
+                f"no images found in {split_dir} ({first_line(error)}): expected {split_dir}/<class>/*.png|jpg"
             ) from error
     train_classes, val_classes = splits["train"].classes, splits["val"].classes
     if train_classes != val_classes:

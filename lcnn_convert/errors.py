@@ -6,3 +6,9 @@ class LcnnError(Exception):
 
     The CLI prints ``error: <message>`` and exits non-zero; anything else that escapes is a bug.
     """
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (or its type), for one-line user errors."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

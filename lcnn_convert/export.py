@@ -12,7 +12,7 @@ import onnx
 import torch
 from torch import nn
 
-from .errors import LcnnError
+from .errors import LcnnError, first_line
 from .io import atomic_file
 
 DEFAULT_OPSET = 17
@@ -27,11 +27,6 @@ def check_standard_ops(model: onnx.ModelProto) -> None:
     custom = sorted({f"{node.domain}::{node.op_type}" for node in model.graph.node if node.domain not in STANDARD_DOMAINS})
     if custom:
         raise LcnnError(f"ONNX export used non-standard ops: {', '.join(custom)}")
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool) -> None:
@@ -95,11 +90,11 @@ def export_onnx(
             try:
                 _export_dynamo(model, example_input, temporary, max(opset, DYNAMO_MIN_OPSET), dynamic_batch)
             except Exception:
-                raise LcnnError(f"ONNX export failed: {_first_line(script_error)}") from script_error
+                raise LcnnError(f"ONNX export failed: {first_line(script_error)}") from script_error
         exported = onnx.load(str(temporary))
         try:
             onnx.checker.check_model(exported, full_check=True)
         except onnx.checker.ValidationError as error:
-            raise LcnnError(f"exported ONNX fails onnx.checker: {str(error).splitlines()[0]}") from error
+            raise LcnnError(f"exported ONNX fails onnx.checker: {first_line(error)}") from error
         check_standard_ops(exported)
     return path

@@ -25,10 +25,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import LcnnError
+from .errors import LcnnError, first_line
 from .io import atomic_file
 from .layers import CenteredSoftplus, LipschitzBatchNorm
 from .layers.normalized_linear import _OperatorNormalized
+from .measure import evaluate_accuracy
 
 CHECKPOINT_FILE = "checkpoint.pt"
 NO_DECAY_SUFFIXES = ("log_beta", "log_gamma", "scale")
@@ -187,7 +188,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt zip, bad pickle data, ...
-        raise LcnnError(f"cannot read checkpoint {path}: {str(error).strip().splitlines()[0][:160]}") from error
+        raise LcnnError(f"cannot read checkpoint {path}: {first_line(error, 160)}") from error
 
 
 def _cross_entropy_and_grad_penalty(model: nn.Module, images, labels, lambda_grad: float):
@@ -198,19 +199,6 @@ def _cross_entropy_and_grad_penalty(model: nn.Module, images, labels, lambda_gra
     (input_gradient,) = torch.autograd.grad(per_example.sum(), images, create_graph=True)
     penalty = input_gradient.flatten(1).square().sum(1).mean()
     return per_example.mean(), penalty
-
-
-@torch.no_grad()
-def test_accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    for images, labels in loader:
-        predictions = model(images.to(device)).argmax(1).cpu()
-        correct += int((predictions == labels).sum())
-        total += len(labels)
-    model.train(was_training)
-    return correct / max(total, 1)
 
 
 def finetune(
@@ -242,7 +230,6 @@ def finetune(
         total_steps = min(total_steps, config.max_steps)
     optimizer = _optimizer(model, config)
     scheduler = _scheduler(optimizer, config, total_steps)
-    test_loader = DataLoader(test, batch_size=256, shuffle=False)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
@@ -327,7 +314,7 @@ def finetune(
                     ),
                 )
         seconds = time.perf_counter() - started
-        accuracy = test_accuracy(model, test_loader, device)
+        accuracy = evaluate_accuracy(model, test)
         statistics = layer_statistics(model)
         record = EpochRecord(
             epoch=epoch + 1,

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .errors import LcnnError
+from .errors import LcnnError, first_line
 
 Source = Literal["torchvision", "timm"]
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
@@ -155,9 +155,8 @@ def _build_pretrained(spec: ModelSpec, num_classes: int | None) -> nn.Module:
     except (OSError, RuntimeError, ValueError, ImportError) as error:
         # Downloads fail in many library-specific ways (URLError, HTTP errors, hub errors);
         # all of them are OSError/RuntimeError subclasses.
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise LcnnError(
-            f"could not get pretrained weights for {spec} ({reason[:160]}); "
+            f"could not get pretrained weights for {spec} ({first_line(error, 160)}); "
             "pass --weights PATH to use a local checkpoint, or --no-pretrained for random weights"
         ) from error
 
@@ -191,8 +190,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 "with weights_only=True; re-save it as a plain state dict or .safetensors"
             ) from error
         except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise LcnnError(f"cannot read weights file {path}: not a PyTorch checkpoint ({reason[:120]})") from error
+            raise LcnnError(
+                f"cannot read weights file {path}: not a PyTorch checkpoint ({first_line(error, 120)})"
+            ) from error
     for _ in range(3):
         if isinstance(loaded, Mapping):
             wrapped = next((loaded[key] for key in WRAPPER_KEYS if isinstance(loaded.get(key), Mapping)), None)

@@ -22,7 +22,7 @@ from torch import nn
 from . import __version__
 from .artifacts import ONNX_FILE, REPORT_FILE, WEIGHTS_FILE, save
 from .conversion import ConvertOptions, convert, convert_with_options
-from .errors import LcnnError
+from .errors import LcnnError, first_line
 from .export import DEFAULT_OPSET, export_onnx
 from .finetune import CHECKPOINT_FILE, FinetuneConfig, finetune, load_checkpoint
 from .io import StagedDirectory, WorkingDirectory
@@ -217,8 +217,9 @@ def _run(job: ConversionJob, spec: ModelSpec, out: Path, console: Console, workd
             try:
                 converted = convert(model.to(device), calibration.to(device), beta=job.beta)
             except RuntimeError as error:
-                reason = str(error).strip().splitlines()[0][:200]
-                raise LcnnError(f"{spec} does not run at {height}x{width} ({reason}); try another --image-size") from error
+                raise LcnnError(
+                    f"{spec} does not run at {height}x{width} ({first_line(error)}); try another --image-size"
+                ) from error
     conversion = resume_state["conversion"] if resume_state is not None else converted.conversion_report.to_dict()
     if resume_state is None and splits is not None:
         with _step(console, "measure the conversion", timings, "measure_converted"):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .conversion.calibrate import first_tensor
-from .errors import LcnnError
+from .errors import LcnnError, first_line
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_MIN_TOP1 = 1.0
@@ -72,8 +72,7 @@ def onnx_session(path: str | Path, threads: int | None = None):
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LcnnError(f"onnxruntime cannot load {path}: {first_line[:200]}") from error
+        raise LcnnError(f"onnxruntime cannot load {path}: {first_line(error)}") from error
 
 
 def _input_shape(session, inputs: torch.Tensor | None) -> tuple[int, ...]:
@@ -116,7 +115,7 @@ def verify_onnx(
     try:
         actual = session.run(None, {input_name: batch.numpy()})[0]
     except Exception as error:  # onnxruntime's own error types
-        raise LcnnError(f"onnxruntime failed to run {path}: {str(error).strip().splitlines()[0][:200]}") from error
+        raise LcnnError(f"onnxruntime failed to run {path}: {first_line(error)}") from error
     if actual.shape != expected.shape:
         raise LcnnError(f"ONNX output shape {actual.shape} differs from PyTorch's {expected.shape}")
     difference = np.abs(actual.astype(np.float64) - expected.astype(np.float64))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import LcnnError
+from ..errors import LcnnError, first_line
 from ..layers import CenteredSoftplus
 from ..models import data_config
 from .bound import curvature_bound
@@ -103,7 +103,7 @@ def convert_with_options(
         converted = trace(converted_from)
         report = ConversionReport("fx")
     except Exception as error:  # tracing fails in many ways (TraceError, TypeError, ...)
-        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        reason = f"{type(error).__name__}: {first_line(error)}"
         logger.info("fx tracing failed (%s); falling back to module swap", reason)
         converted = converted_from
         report = ConversionReport("module-swap", fallback_reason=reason[:300])
