@@ -342,3 +342,30 @@ def test_deepcopy_keeps_the_head_api_config_and_report(images):
     assert duplicate.classifier_path == "fc" and isinstance(duplicate.get_classifier(), NormalizedLinear)
     assert duplicate.pretrained_cfg == converted.pretrained_cfg
     assert duplicate.conversion_report.to_dict() == converted.conversion_report.to_dict()
+
+
+class SharedNorm(nn.Module):
+    """One BatchNorm and one ReLU module, each called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        x = self.act(self.bn(self.conv(x)))
+        return self.act(self.bn(x)).mean((2, 3))
+
+
+def test_a_shared_batchnorm_stays_shared_while_each_relu_site_gets_its_own_beta():
+    model = randomize_batchnorms(SharedNorm())
+    x = torch.randn(4, 3, 8, 8)
+    converted = lc.convert(model, x, beta=1e4)
+    report = converted.conversion_report
+    assert report.batchnorms_replaced == ["bn"] and report.activations_replaced == ["act", "act_1"]
+    calls = [node.target for node in converted.graph.nodes if node.op == "call_module"]
+    assert calls.count("bn") == 2
+    assert isinstance(converted.get_submodule("conv"), NormalizedConv) and converted.get_submodule("conv").scale is not None
+    with torch.no_grad():
+        assert relative_error(converted(x), model(x)) <= 1e-3

@@ -94,16 +94,18 @@ def apply_rules(
         rule = next((rule for rule in active_rules if rule.matches(ctx)), None)
         if rule is None:
             continue
-        replacement = rule.build(ctx)
         if node.op == "call_module":
             site = sites_seen[node.target]
             sites_seen[node.target] += 1
-            # Each call site of a shared module gets its own replacement (one beta per site).
+            if site > 0 and rule.kind != "activation":
+                continue  # a shared BN stays shared: this call already reaches its replacement
+            # Each call site of a shared activation gets its own replacement (one beta per site).
             # The first takes the original path; later ones match against `modules`, not the root.
             target = node.target if site == 0 else _free_name(graph_module, f"{node.target}_{site}")
         else:
             scope = _scope(node)
             target = _free_name(graph_module, f"{scope}.lcnn_{node.name}" if scope else f"lcnn_{node.name}")
+        replacement = rule.build(ctx)
         graph_module.add_submodule(target, replacement)
         source = node.args[0] if node.args else next(iter(node.kwargs.values()))
         with graph.inserting_before(node):
@@ -113,10 +115,9 @@ def apply_rules(
         if rule.inplace(ctx) and isinstance(source, fx.Node):
             _rewire_inplace(graph, source, node, new_node)
         graph.erase_node(node)
-        label = target
         softplus_count, bn_count = count_layers(replacement)
-        activations += [label] * softplus_count
-        batchnorms += [label] * bn_count
+        activations += [target] * softplus_count
+        batchnorms += [target] * bn_count
     graph.eliminate_dead_code()
     graph.lint()
     graph_module.recompile()
