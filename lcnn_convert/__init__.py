@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 from . import measure
 from .artifacts import load
+from .bn_statistics import recalibrate_batchnorm
 from .conversion import DEFAULT_RULES, ConversionReport, ReplacementRule, RuleContext, convert
 from .errors import LcnnError
 from .export import export_onnx
@@ -34,5 +35,6 @@ __all__ = [
     "load",
     "load_model",
     "measure",
+    "recalibrate_batchnorm",
     "verify_onnx",
 ]

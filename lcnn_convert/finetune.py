@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
 
+from .distributed import DistributedContext, sum_across_ranks
 from .errors import LcnnError, first_line
 from .io import atomic_file
 from .layers import CenteredSoftplus, LipschitzBatchNorm
@@ -191,6 +193,45 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise LcnnError(f"cannot read checkpoint {path}: {first_line(error, 160)}") from error
 
 
+def _accuracy(model: nn.Module, test: Dataset, distributed: DistributedContext | None) -> float:
+    """Test accuracy; under DDP each rank scores every world_size-th example and the counts are summed."""
+    if distributed is None:
+        return evaluate_accuracy(model, test)
+    share = Subset(test, range(distributed.rank, len(test), distributed.world_size))
+    correct = round(evaluate_accuracy(model, share) * len(share)) if len(share) else 0
+    counts = sum_across_ranks(distributed, torch.tensor([correct, len(share)]))
+    return float(counts[0] / counts[1])
+
+
+def _train_loader(train: Dataset, config: FinetuneConfig, epoch: int, distributed: DistributedContext | None):
+    seed = config.seed * 1_000_003
+    if distributed is None:
+        order = torch.Generator().manual_seed(seed + epoch)
+        return DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=order, drop_last=False)
+    # DistributedSampler draws the permutation a single process draws from the same seed and gives
+    # rank r the examples r, r + W, r + 2W, ...: together the ranks' k-th batches are the single
+    # process's k-th batch.
+    sampler = DistributedSampler(
+        train, num_replicas=distributed.world_size, rank=distributed.rank, shuffle=True, seed=seed, drop_last=False
+    )
+    sampler.set_epoch(epoch)
+    return DataLoader(train, batch_size=config.batch_size // distributed.world_size, sampler=sampler, drop_last=False)
+
+
+def _reading(loader: DataLoader, epoch: int):
+    """The loader's batches; an unreadable example stops the run with one line naming it."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+            kept = f"the last good checkpoint (epoch {epoch}) is kept" if epoch else "no checkpoint was written"
+            raise LcnnError(f"cannot read a training example in epoch {epoch + 1}: {first_line(error)}; {kept}") from error
+        yield batch
+
+
 def _cross_entropy_and_grad_penalty(model: nn.Module, images, labels, lambda_grad: float):
     if lambda_grad == 0:
         return F.cross_entropy(model(images), labels), images.new_zeros(())
@@ -212,6 +253,7 @@ def finetune(
     console: Console | None = None,
     on_epoch_end: Callable[[EpochRecord], None] | None = None,
     extra_state: dict[str, Any] | None = None,
+    distributed: DistributedContext | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place; checkpoint after each epoch; continue from ``resume``.
 
@@ -219,11 +261,30 @@ def finetune(
     checkpoint beside the training state, for the caller to read back on resume.
 
     Stops with an LcnnError (the last epoch checkpoint left intact) if the loss becomes NaN/Inf.
+
+    With ``distributed`` (see ``lcnn_convert.distributed``) the model trains wrapped in
+    DistributedDataParallel, ``config.batch_size`` is the global batch, split evenly over the
+    ranks; the logged terms and the accuracy are averaged over all ranks; only rank 0 prints
+    and writes checkpoints.
     """
     config.validate()
     device = torch.device(device)
     console = console or Console(stderr=True)
+    is_main = distributed is None or distributed.is_main
+    if not is_main:
+        console = Console(stderr=True, quiet=True)
+        checkpoint_path = None
+    if distributed is not None and config.batch_size % distributed.world_size:
+        raise LcnnError(
+            f"--batch-size {config.batch_size} is the global batch and must be a multiple of the "
+            f"{distributed.world_size} processes"
+        )
     model.to(device).train()
+    trained = model
+    if distributed is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
@@ -252,8 +313,7 @@ def finetune(
         if config.max_steps is not None and result.steps >= config.max_steps:
             break
         torch.manual_seed(config.seed * 1_000_003 + epoch)
-        order = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-        loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=order, drop_last=False)
+        loader = _train_loader(train, config, epoch, distributed)
         totals = {"loss": 0.0, "cross_entropy": 0.0, "beta_term": 0.0, "gamma_term": 0.0, "grad_term": 0.0}
         seen = batches = 0
         started = time.perf_counter()
@@ -266,13 +326,13 @@ def finetune(
         )
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task("train", total=len(loader), stats="")
-            for images, labels in loader:
+            for images, labels in _reading(loader, epoch):
                 if config.max_steps is not None and result.steps >= config.max_steps:
                     break
                 images, labels = images.to(device), labels.to(device)
                 with torch.autocast(device_type=device.type, enabled=use_amp):
                     cross_entropy, grad_penalty = _cross_entropy_and_grad_penalty(
-                        model, images, labels, config.lambda_grad
+                        trained, images, labels, config.lambda_grad
                     )
                 beta_sum, gamma_sum = regularisers(model)
                 terms = {
@@ -282,10 +342,13 @@ def finetune(
                     "grad_term": config.lambda_grad * grad_penalty.float(),
                 }
                 loss = sum(terms.values())
-                if not torch.isfinite(loss):
+                # Every rank takes the same decision from the same (averaged) numbers.
+                averaged = sum_across_ranks(distributed, torch.stack([loss.detach().float(), *terms.values()]).detach())
+                averaged = averaged / (distributed.world_size if distributed is not None else 1)
+                if not torch.isfinite(averaged).all():
                     kept = f"the last good checkpoint (epoch {epoch}) is kept" if epoch else "no checkpoint was written"
                     raise LcnnError(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {result.steps + 1}; stopped, "
+                        f"loss became {averaged[0].item()} at epoch {epoch + 1}, step {result.steps + 1}; stopped, "
                         f"{kept}; try a lower --lr"
                     )
                 optimizer.zero_grad(set_to_none=True)
@@ -296,11 +359,11 @@ def finetune(
                 result.steps += 1
                 batches += 1
                 seen += len(labels)
-                totals["loss"] += loss.item()
-                for key, value in terms.items():
+                totals["loss"] += averaged[0].item()
+                for key, value in zip(terms, averaged[1:]):
                     totals[key] += value.item()
                 statistics = layer_statistics(model)
-                result.step_log["loss"].append(loss.item())
+                result.step_log["loss"].append(averaged[0].item())
                 result.step_log["beta_mean"].append(statistics["beta_mean"])
                 result.step_log["gamma_mean"].append(statistics["gamma_mean"])
                 rate = seen / max(time.perf_counter() - started, 1e-9)
@@ -314,7 +377,7 @@ def finetune(
                     ),
                 )
         seconds = time.perf_counter() - started
-        accuracy = evaluate_accuracy(model, test)
+        accuracy = _accuracy(model, test, distributed)
         statistics = layer_statistics(model)
         record = EpochRecord(
             epoch=epoch + 1,
@@ -323,7 +386,7 @@ def finetune(
             **statistics,
             test_accuracy=accuracy,
             seconds=seconds,
-            images_per_second=seen / max(seconds, 1e-9),
+            images_per_second=seen * (distributed.world_size if distributed else 1) / max(seconds, 1e-9),
         )
         result.history.append(record)
         result.epochs = epoch + 1

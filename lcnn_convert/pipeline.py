@@ -24,6 +24,7 @@ from .artifacts import ONNX_FILE, REPORT_FILE, WEIGHTS_FILE, save
 from .conversion import ConvertOptions, convert, convert_with_options
 from .errors import LcnnError, first_line
 from .export import DEFAULT_OPSET, export_onnx
+from .bn_statistics import has_untrained_batchnorm, recalibrate_batchnorm
 from .finetune import CHECKPOINT_FILE, FinetuneConfig, finetune, load_checkpoint
 from .io import StagedDirectory, WorkingDirectory
 from .models import (
@@ -40,6 +41,7 @@ from .verify import DEFAULT_ATOL, verify_onnx
 
 CALIBRATION_BATCH = 32
 CALIBRATION_EXAMPLES = 256
+BN_STATISTICS_BATCHES = 100
 CURVATURE_PLOT = "curvature.png"
 TRAINING_PLOT = "training.png"
 RESUME_KEYS = ("model", "dataset", "num_classes", "seed", "batch_size")
@@ -181,10 +183,18 @@ def _run(job: ConversionJob, spec: ModelSpec, out: Path, console: Console, workd
         model, spec = load_model_with_spec(str(spec), job.pretrained, job.weights, job.num_classes)
         config = data_config(model, spec)
     splits = None
+    bn_statistics = resume_state.get("batchnorm_statistics") if resume_state is not None else None
     if job.dataset:
         with _step(console, f"load dataset {job.dataset}", timings, "data"):
             splits = load_dataset(job.dataset, job.data_dir, config, job.image_size)
             _fit_head(model, job, splits.num_classes, job.dataset)
+        if resume_state is None and has_untrained_batchnorm(model):
+            step = "estimate BatchNorm statistics (the model's were never trained)"
+            with _step(console, step, timings, "bn_statistics"):
+                batches = recalibrate_batchnorm(
+                    model.to(device), splits.train, BN_STATISTICS_BATCHES, job.training.batch_size, job.seed
+                )
+            bn_statistics = f"estimated on {batches} batches of {job.dataset} train: the model's were never trained"
         calibration = _first_examples(splits.train, CALIBRATION_EXAMPLES)
         channels, height, width = calibration.shape[1:]
     else:
@@ -228,7 +238,8 @@ def _run(job: ConversionJob, spec: ModelSpec, out: Path, console: Console, workd
     finetune_summary = None
     if job.finetune:
         checkpoint = out / CHECKPOINT_FILE
-        extra = {"identity": identity, "metrics": metrics, "curvatures": curvatures, "conversion": conversion}
+        extra = {"identity": identity, "metrics": metrics, "curvatures": curvatures, "conversion": conversion,
+                 "batchnorm_statistics": bn_statistics}
         start = time.perf_counter()
         result = finetune(
             converted, splits.train, splits.test, job.training, checkpoint_path=checkpoint, resume=resume_state,
@@ -267,6 +278,7 @@ def _run(job: ConversionJob, spec: ModelSpec, out: Path, console: Console, workd
         "weights": str(job.weights) if job.weights else None,
         "dataset": job.dataset,
         "conversion": conversion,
+        "batchnorm_statistics": bn_statistics,
         "parity": parity.to_dict(),
         "files": files,
         "timings_s": timings,

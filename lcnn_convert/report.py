@@ -101,6 +101,10 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     table.add_row("curvature bound (data-free)", _number(conversion["curvature_bound"]))
     for note in conversion.get("bound_notes", []):
         table.add_row("", f"[dim]{note}[/dim]")
+    if report.get("batchnorm_statistics"):
+        table.add_row("BatchNorm statistics", report["batchnorm_statistics"])
+    for note in conversion.get("notes", []):
+        table.add_row("note", f"[yellow]{note}[/yellow]")
     parity = report.get("parity")
     if parity:
         verdict = "[green]passed[/green]" if parity["passed"] else "[red]FAILED[/red]"

@@ -51,6 +51,20 @@ def test_finetune_digits_writes_metrics_plots_and_checkpoint(tmp_path, cli):
 
 
 @pytest.mark.slow
+def test_finetuning_from_random_weights_works_in_eval_mode(tmp_path, cli):
+    # Regression: with the untrained BN statistics of --no-pretrained, every Lipschitz BN started
+    # from a meaningless gamma, fine-tuning clipped them all and eval accuracy ended at 10%.
+    out = tmp_path / "out"
+    result = cli("resnet18", "--no-pretrained", "--finetune", "digits", "--eval-examples", "8", "-o", out, "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["batchnorm_statistics"].startswith("estimated on 12 batches of digits train")
+    assert report["metrics"]["finetuned"]["accuracy"] >= 0.9
+    assert report["finetune"]["history"][-1]["test_accuracy"] == report["metrics"]["finetuned"]["accuracy"]
+    assert report["parity"]["passed"]
+
+
+@pytest.mark.slow
 def test_eval_only_measures_original_and_converted(tmp_path, cli):
     result = cli(*FAST, "--eval", "digits", "-o", tmp_path / "out", "--json")
     assert result.code == 0, result.err

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..bn_statistics import has_untrained_batchnorm
 from ..errors import LcnnError, first_line
 from ..layers import CenteredSoftplus
 from ..models import data_config
@@ -27,6 +28,11 @@ logger = logging.getLogger(__name__)
 # top-1 agreement with the ReLU original (../shared/LCNN_NOTES.md); fine-tuning lowers it.
 DEFAULT_BETA = 100.0
 MIN_AGREEMENT = 0.99
+UNTRAINED_STATISTICS_NOTE = (
+    "BatchNorm running statistics are untrained (mean 0, variance 1), so each Lipschitz BN's gamma "
+    "starts from meaningless gains and fine-tuning will collapse; estimate them first with "
+    "lcnn_convert.recalibrate_batchnorm(model, train_data)"
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,7 @@ def convert_with_options(
     model: nn.Module, example: tuple[torch.Tensor, ...] | None, options: ConvertOptions
 ) -> nn.Module:
     was_training = model.training
+    untrained_statistics = has_untrained_batchnorm(model)
     converted_from = copy.deepcopy(model).eval()
     calibrate = options.beta == "auto" and example is not None and options.estimate_norms
     if example is None:
@@ -119,6 +126,8 @@ def convert_with_options(
         converted.eval()
         if options.estimate_norms:
             report.skipped = find_functional_calls(converted, example, f"fx tracing failed ({report.fallback_reason})")
+    if untrained_statistics and options.estimate_norms:
+        report.notes.append(UNTRAINED_STATISTICS_NOTE)
     report.activations_replaced, report.batchnorms_replaced = activations, batchnorms
     report.layers_normalized = normalized
     report.skipped += skipped

