@@ -105,6 +105,8 @@ def convert_command(
         training=training,
     )  # fmt: skip
     report = run_conversion(job)
+    if report is None:  # another rank than 0 under torchrun: rank 0 writes and prints everything
+        return
     if json_output:
         print(json.dumps(report, indent=2))
     else:
@@ -144,6 +146,13 @@ def _parity_failure(parity: dict) -> str | None:
     )
 
 
+def _rank_prefix() -> str:
+    """'rank N: ' under torchrun with several processes, where every rank reports for itself."""
+    import os
+
+    return f"rank {os.environ.get('RANK', '?')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
     if args and args[0] not in COMMANDS and not args[0].startswith("-"):
@@ -152,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = command.main(args=args, prog_name="lcnn-convert", standalone_mode=False)
     except LcnnError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_rank_prefix()}{error}", file=sys.stderr)
         return 1
     except CLICK_ERROR as error:
         print(f"error: {error.format_message()} (see lcnn-convert --help)", file=sys.stderr)

@@ -237,13 +237,39 @@ def _pil_transform(
     return transforms.Compose(steps)
 
 
+class UnreadableExample(LcnnError):
+    """An example of a dataset could not be read or decoded."""
+
+
+class _ReadChecked(Dataset):
+    """A dataset whose unreadable examples (a truncated or corrupt image file, ...) raise one clear line."""
+
+    def __init__(self, dataset: Dataset, split: str) -> None:
+        self.dataset = dataset
+        self.split = split
+        self.targets = getattr(dataset, "targets", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three for broken files
+            samples = getattr(self.dataset, "samples", None)
+            where = f" ({samples[index][0]})" if samples else ""
+            raise UnreadableExample(
+                f"cannot read {self.split} example {index}{where}: {first_line(error)}; fix or remove it"
+            ) from error
+
+
 def _splits(
     name: str, train: Dataset, test: Dataset, classes: list[str], preprocessing: _Preprocessing
 ) -> DatasetSplits:
     return DatasetSplits(
         name=name,
-        train=train,
-        test=test,
+        train=_ReadChecked(train, "train"),
+        test=_ReadChecked(test, "test"),
         num_classes=len(classes),
         classes=classes,
         mean=preprocessing.mean,

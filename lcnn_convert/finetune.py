@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from .distributed import DistributedContext, sum_across_ranks
+from .data import UnreadableExample
 from .errors import LcnnError, first_line
 from .io import atomic_file
 from .layers import CenteredSoftplus, LipschitzBatchNorm
@@ -226,9 +227,9 @@ def _reading(loader: DataLoader, epoch: int):
             batch = next(iterator)
         except StopIteration:
             return
-        except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+        except (OSError, ValueError, UnreadableExample) as error:
             kept = f"the last good checkpoint (epoch {epoch}) is kept" if epoch else "no checkpoint was written"
-            raise LcnnError(f"cannot read a training example in epoch {epoch + 1}: {first_line(error)}; {kept}") from error
+            raise LcnnError(f"epoch {epoch + 1} stopped: {first_line(error)}; {kept}") from error
         yield batch
 
 
@@ -275,10 +276,7 @@ def finetune(
         console = Console(stderr=True, quiet=True)
         checkpoint_path = None
     if distributed is not None and config.batch_size % distributed.world_size:
-        raise LcnnError(
-            f"--batch-size {config.batch_size} is the global batch and must be a multiple of the "
-            f"{distributed.world_size} processes"
-        )
+        raise LcnnError(f"batch size {config.batch_size} must be a multiple of the {distributed.world_size} processes")
     model.to(device).train()
     trained = model
     if distributed is not None:
@@ -377,6 +375,11 @@ def finetune(
                     ),
                 )
         seconds = time.perf_counter() - started
+        if distributed is not None:
+            # The last step's statistics update was each rank's own: start the evaluation (and
+            # the next epoch) from rank 0's, the ones its checkpoint holds.
+            for buffer in model.buffers():
+                torch.distributed.broadcast(buffer, src=0)
         accuracy = _accuracy(model, test, distributed)
         statistics = layer_statistics(model)
         record = EpochRecord(

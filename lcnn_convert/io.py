@@ -110,6 +110,10 @@ class WorkingDirectory:
             raise LcnnError(f"cannot write output dir {self.path}: {error.strerror or error}") from error
         if not os.access(self.path, os.W_OK):
             raise LcnnError(f"cannot write output dir {self.path}: Permission denied")
+        if resume:
+            # what atomic_file was writing when the interrupted run was killed
+            for partial in self.path.glob(".*.partial"):
+                partial.unlink(missing_ok=True)
 
     def clear(self) -> None:
         """Remove what an earlier run left (only with overwrite, only once)."""

@@ -8,9 +8,10 @@ survive an interruption; every file there is still written atomically, report.js
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from .conversion import ConvertOptions, convert, convert_with_options
 from .errors import LcnnError, first_line
 from .export import DEFAULT_OPSET, export_onnx
 from .bn_statistics import has_untrained_batchnorm, recalibrate_batchnorm
+from .distributed import DistributedContext, broadcast_from_main, initialize, launched_by_torchrun, share_outcome, shutdown
 from .finetune import CHECKPOINT_FILE, FinetuneConfig, finetune, load_checkpoint
 from .io import StagedDirectory, WorkingDirectory
 from .models import (
@@ -156,28 +158,86 @@ def measure(model: nn.Module, splits, examples: int) -> dict[str, Any]:
     return metrics, list(curvature.per_example_curvature)
 
 
-def run_conversion(job: ConversionJob, console: Console | None = None) -> dict[str, Any]:
-    """Run the job and return the report (also written to report.json in the output dir)."""
+def run_conversion(job: ConversionJob, console: Console | None = None) -> dict[str, Any] | None:
+    """Run the job and return the report (also written to report.json in the output dir).
+
+    Launched by torchrun with several processes, fine-tuning runs data-parallel (see
+    ``lcnn_convert.distributed``); only rank 0 returns the report, the other ranks return None.
+    Without --finetune there is nothing to share out, and only rank 0 works.
+    """
     console = console or Console(stderr=True)
     job.validate()
     spec = resolve_model_name(job.model)
     final = job.output or default_output(job.model)
+    if launched_by_torchrun() and not job.finetune and int(os.environ.get("RANK", "0")) != 0:
+        return None
     if job.finetune:
-        directory = WorkingDirectory(final, overwrite=job.overwrite, resume=job.resume, resume_file=CHECKPOINT_FILE)
-        with directory:
-            return _run(job, spec, directory.path, console, directory)
+        distributed = initialize(job.device) if launched_by_torchrun() else None
+        try:
+            if distributed is not None and job.training.batch_size % distributed.world_size:
+                raise LcnnError(
+                    f"--batch-size {job.training.batch_size} is the global batch and must be a multiple of the "
+                    f"{distributed.world_size} processes"
+                )
+            directory, error = None, None
+            if distributed is None or distributed.is_main:
+                try:
+                    directory = WorkingDirectory(
+                        final, overwrite=job.overwrite, resume=job.resume, resume_file=CHECKPOINT_FILE
+                    )
+                except LcnnError as failure:
+                    error = str(failure)
+            share_outcome(distributed, error)
+            with directory or contextlib.nullcontext():
+                out = directory.path if directory is not None else Path(final).expanduser().absolute()
+                return _run(job, spec, out, console, directory, distributed)
+        finally:
+            shutdown()
     with StagedDirectory(final, job.overwrite) as stage:
         report = _run(job, spec, stage.path, console, None)
     report["output_dir"] = str(stage.final)
     return report
 
 
-def _run(job: ConversionJob, spec: ModelSpec, out: Path, console: Console, workdir) -> dict[str, Any]:
+def _on_main(distributed: DistributedContext | None, work: Callable[[], Any]) -> Any:
+    """Run ``work`` on rank 0 only (everywhere without DDP); its result, or its error, reaches every rank."""
+    if distributed is None:
+        return work()
+    result, error = None, None
+    if distributed.is_main:
+        try:
+            result = work()
+        except LcnnError as failure:
+            error = str(failure)
+    share_outcome(distributed, error)
+    return broadcast_from_main(distributed, result)
+
+
+def _main_first(distributed: DistributedContext | None, work: Callable[[], Any]) -> Any:
+    """Run ``work`` on rank 0, then (if it succeeded) on the other ranks; every rank gets its own result."""
+    if distributed is None:
+        return work()
+    result, error = None, None
+    if distributed.is_main:
+        try:
+            result = work()
+        except LcnnError as failure:
+            error = str(failure)
+    share_outcome(distributed, error)
+    return result if distributed.is_main else work()
+
+
+def _run(
+    job: ConversionJob, spec: ModelSpec, out: Path, console: Console, workdir, distributed: DistributedContext | None = None
+) -> dict[str, Any] | None:
     from .data import load_dataset
 
     timings: dict[str, float] = {}
-    device = resolve_device(job.device)
-    resume_state = load_checkpoint(out / CHECKPOINT_FILE) if job.resume else None
+    device = distributed.device if distributed is not None else resolve_device(job.device)
+    is_main = distributed is None or distributed.is_main
+    if not is_main:
+        console = Console(stderr=True, quiet=True)
+    resume_state = _on_main(distributed, lambda: load_checkpoint(out / CHECKPOINT_FILE) if job.resume else None)
     with _step(console, f"load {spec}", timings, "load"):
         torch.manual_seed(job.seed)  # random initialisation (--no-pretrained, new heads) is part of the run
         model, spec = load_model_with_spec(str(spec), job.pretrained, job.weights, job.num_classes)
@@ -186,7 +246,8 @@ def _run(job: ConversionJob, spec: ModelSpec, out: Path, console: Console, workd
     bn_statistics = resume_state.get("batchnorm_statistics") if resume_state is not None else None
     if job.dataset:
         with _step(console, f"load dataset {job.dataset}", timings, "data"):
-            splits = load_dataset(job.dataset, job.data_dir, config, job.image_size)
+            # rank 0 first: a download must happen once, and its errors are everyone's
+            splits = _main_first(distributed, lambda: load_dataset(job.dataset, job.data_dir, config, job.image_size))
             _fit_head(model, job, splits.num_classes, job.dataset)
         if resume_state is None and has_untrained_batchnorm(model):
             step = "estimate BatchNorm statistics (the model's were never trained)"
@@ -216,7 +277,7 @@ def _run(job: ConversionJob, spec: ModelSpec, out: Path, console: Console, workd
     curvatures: dict[str, list[float]] = {}
     if resume_state is not None:
         metrics, curvatures = resume_state["metrics"], resume_state["curvatures"]
-    elif splits is not None:
+    elif splits is not None and is_main:
         with _step(console, "measure the original", timings, "measure_original"):
             metrics["original"], curvatures["original"] = measure(model.to(device), splits, job.eval_examples)
 
@@ -224,6 +285,7 @@ def _run(job: ConversionJob, spec: ModelSpec, out: Path, console: Console, workd
         if resume_state is not None:
             converted = convert_with_options(model, None, ConvertOptions(beta=1.0, estimate_norms=False))
         else:
+            torch.manual_seed(job.seed)  # every rank converts to the same model
             try:
                 converted = convert(model.to(device), calibration.to(device), beta=job.beta)
             except RuntimeError as error:
@@ -231,7 +293,7 @@ def _run(job: ConversionJob, spec: ModelSpec, out: Path, console: Console, workd
                     f"{spec} does not run at {height}x{width} ({first_line(error)}); try another --image-size"
                 ) from error
     conversion = resume_state["conversion"] if resume_state is not None else converted.conversion_report.to_dict()
-    if resume_state is None and splits is not None:
+    if resume_state is None and splits is not None and is_main:
         with _step(console, "measure the conversion", timings, "measure_converted"):
             metrics["converted"], curvatures["converted"] = measure(converted.to(device), splits, job.eval_examples)
 
@@ -241,12 +303,28 @@ def _run(job: ConversionJob, spec: ModelSpec, out: Path, console: Console, workd
         extra = {"identity": identity, "metrics": metrics, "curvatures": curvatures, "conversion": conversion,
                  "batchnorm_statistics": bn_statistics}
         start = time.perf_counter()
-        result = finetune(
-            converted, splits.train, splits.test, job.training, checkpoint_path=checkpoint, resume=resume_state,
-            device=device, console=console, extra_state=extra,
-        )  # fmt: skip
+        try:
+            result = finetune(
+                converted, splits.train, splits.test, job.training, checkpoint_path=checkpoint, resume=resume_state,
+                device=device, console=console, extra_state=extra, distributed=distributed,
+            )  # fmt: skip
+        except RuntimeError as error:
+            if distributed is None:
+                raise
+            # A rank that fails leaves the others' collectives broken; say what happened in one line.
+            raise LcnnError(
+                f"fine-tuning stopped: another rank failed or left the job ({first_line(error, 120)}); "
+                "the last good checkpoint is kept"
+            ) from error
+        if not is_main:
+            return None
         timings["finetune"] = round(time.perf_counter() - start, 3)
         finetune_summary = result.summary()
+        if distributed is not None:
+            finetune_summary["distributed"] = {
+                "world_size": distributed.world_size, "backend": distributed.backend,
+                "batch_per_rank": job.training.batch_size // distributed.world_size,
+            }  # fmt: skip
         with _step(console, "measure the fine-tuned model", timings, "measure_finetuned"):
             metrics["finetuned"], curvatures["finetuned"] = measure(converted.to(device), splits, job.eval_examples)
 

@@ -104,6 +104,34 @@ def test_kill_minus_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert report["finetune"]["steps"] == reference["finetune"]["steps"] == 18
 
 
+@pytest.mark.slow
+def test_kill_minus_9_during_export_then_resume_completes(tmp_path):
+    out = tmp_path / "out"
+    args = (*FAST, "--finetune", "digits", "--epochs", "1", "-o", out)
+    process = subprocess.Popen(lcnn_convert(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:  # the pipeline reports each stage as it ends
+        if "save weights" in line:
+            process.send_signal(signal.SIGKILL)  # export starts right after the weights are saved
+            break
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    visible = sorted(path.name for path in out.iterdir() if not path.name.startswith("."))
+    assert "report.json" not in visible and "checkpoint.pt" in visible
+    if "model.onnx" in visible:  # only if the export finished before the kill landed: then it is whole
+        import onnx
+
+        onnx.checker.check_model(onnx.load(str(out / "model.onnx")))
+    assert all(path.name.endswith(".partial") for path in out.iterdir() if path.name.startswith("."))
+
+    resumed = subprocess.run(lcnn_convert(*args, "--resume", "--json"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    report = json.loads(resumed.stdout)
+    assert report["parity"]["passed"] and report["finetune"]["epochs"] == 1
+    assert sorted(path.name for path in out.iterdir()) == [
+        "checkpoint.pt", "curvature.png", "model.onnx", "model.safetensors", "report.json", "training.png"
+    ]  # fmt: skip
+
+
 def test_finetune_bad_inputs_leave_an_existing_output_untouched(tmp_path, cli):
     out = tmp_path / "out"
     out.mkdir()

@@ -14,7 +14,7 @@ import torchvision.datasets.utils
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from lcnn_convert.data import DATASETS, DatasetSplits, default_data_dir, load_dataset
+from lcnn_convert.data import DATASETS, DatasetSplits, UnreadableExample, default_data_dir, load_dataset
 from lcnn_convert.errors import LcnnError
 from lcnn_convert.models import IMAGENET_MEAN, IMAGENET_STD
 
@@ -219,6 +219,19 @@ def test_image_folder_reads_train_and_val(image_folder):
     assert resized.image_size == 24
     assert resized.test[0][0].shape == resized.train[1][0].shape == (3, 24, 24)
     assert load_dataset(f"folder:{image_folder}").image_size == 224
+
+
+@pytest.mark.parametrize("damage", [b"not an image", "truncate"])
+def test_an_unreadable_image_is_named_in_one_line(image_folder, damage):
+    broken = image_folder / "train" / "cat" / "b.jpg"
+    broken.write_bytes(damage if isinstance(damage, bytes) else broken.read_bytes()[:60])
+    splits = load_dataset(f"folder:{image_folder}")
+    assert splits.train[0][0].shape == (3, 224, 224)  # the others still load
+    with pytest.raises(UnreadableExample) as caught:
+        splits.train[1]
+    message = str(caught.value)
+    assert message.startswith("cannot read train example 1 (") and str(broken) in message
+    assert "\n" not in message and isinstance(caught.value, LcnnError)
 
 
 def test_digits_split_is_fixed_and_stratified():
