@@ -195,3 +195,28 @@ def test_normalized_conv_trains_with_a_differentiable_sigma():
     # A new input size restarts the power iteration at that size.
     layer(torch.randn(2, 3, 4, 4)).sum().backward()
     assert layer.input_shape.tolist() == [3, 4, 4]
+
+
+def test_a_zero_initialised_layer_normalizes_to_finite_values_and_recovers_in_training():
+    # torchvision's ViT (and several timm models) start their head at zero weight: sigma = 0.
+    linear = nn.Linear(6, 3)
+    with torch.no_grad():
+        linear.weight.zero_()
+    layer, sigma = NormalizedLinear.from_linear(linear, explicit_scale=True)
+    assert sigma == 1.0
+    x = torch.randn(4, 6)
+    assert torch.equal(layer.eval()(x), linear(x))
+    layer.train()
+    target = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.05)
+    losses = []
+    for _ in range(50):
+        optimizer.zero_grad()
+        loss = (layer(x) - target).square().mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    weight = layer.normalized_weight()
+    assert all(math.isfinite(value) for value in losses) and losses[-1] < 0.5 * losses[0]
+    assert layer.weight.abs().max() > 0  # it left zero ...
+    assert abs(float(torch.linalg.matrix_norm(weight.detach(), ord=2)) - 1) < 0.05  # ... and is normalized

@@ -3,8 +3,9 @@
 For f = g o h: Lip(f) <= Lip(g) Lip(h) and Curv(f) <= Curv(g) Lip(h)^2 + Lip(g) Curv(h).
 Each node carries (Lipschitz bound, curvature bound) of the map from the input to its output;
 sums add, concatenations add in quadrature, and every LCNN layer states its own constants.
-Max pooling is treated as 1-Lipschitz with zero curvature almost everywhere (it is piecewise
-linear); any op without known constants makes the bound infinite, and is named in the notes.
+Pooling has zero curvature almost everywhere (max pooling is piecewise linear, average pooling
+linear); its L2 Lipschitz constant depends on how often windows overlap (see ``pool_lipschitz``).
+Any op without known constants makes the bound infinite, and is named in the notes.
 """
 
 from __future__ import annotations
@@ -24,14 +25,25 @@ INFINITE: Bound = (math.inf, math.inf)
 ACTIVATION_CONSTANTS = {"SiLU": (1.0998, 0.5), "GELU": (1.1290, 0.7979), "Sigmoid": (0.25, 0.0962), "Tanh": (1.0, 0.7698)}
 IDENTITY_MODULES = (
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten, nn.Unflatten,
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
 )  # fmt: skip
+POOL_MODULES = {
+    nn.MaxPool1d: ("max", 1), nn.MaxPool2d: ("max", 2), nn.MaxPool3d: ("max", 3),
+    nn.AvgPool1d: ("avg", 1), nn.AvgPool2d: ("avg", 2), nn.AvgPool3d: ("avg", 3),
+    nn.AdaptiveMaxPool1d: ("adaptive", 1), nn.AdaptiveMaxPool2d: ("adaptive", 2),
+    nn.AdaptiveMaxPool3d: ("adaptive", 3), nn.AdaptiveAvgPool1d: ("adaptive", 1),
+    nn.AdaptiveAvgPool2d: ("adaptive", 2), nn.AdaptiveAvgPool3d: ("adaptive", 3),
+}  # fmt: skip
+POOL_FUNCTIONS = {
+    "max_pool1d": ("max", 1), "max_pool2d": ("max", 2), "max_pool3d": ("max", 3),
+    "avg_pool1d": ("avg", 1), "avg_pool2d": ("avg", 2), "avg_pool3d": ("avg", 3),
+    "adaptive_max_pool1d": ("adaptive", 1), "adaptive_max_pool2d": ("adaptive", 2),
+    "adaptive_avg_pool1d": ("adaptive", 1), "adaptive_avg_pool2d": ("adaptive", 2),
+    "adaptive_avg_pool3d": ("adaptive", 3),
+}  # fmt: skip
 IDENTITY_MODULE_NAMES = {"SelectAdaptivePool2d", "DropPath", "DropBlock2d", "AdaptiveAvgMaxPool2d", "FastAdaptiveAvgPool"}
 RESHAPING = {
     "flatten", "reshape", "view", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "getitem",
-    "mean", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "avg_pool1d", "avg_pool2d",
-    "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool2d", "dropout", "clone", "to",
+    "mean", "dropout", "clone", "to",
     "type_as", "float", "narrow", "chunk", "split", "unbind", "identity", "pad",
 }  # fmt: skip
 NOT_TENSORS = {"size", "dim", "getattr", "numel", "shape"}
@@ -49,10 +61,68 @@ def _compose(outer: Bound, inner: Bound) -> Bound:
     return lipschitz * inner_lipschitz, composed_curvature + lipschitz * inner_curvature
 
 
+def _tuple(value: object, dims: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * dims
+
+
+def pool_lipschitz(
+    kind: str, dims: int, kernel=None, stride=None, dilation=1, padding=0, count_include_pad=True, output_size=None
+) -> float:
+    """L2 Lipschitz constant of a pooling op (its curvature is 0 almost everywhere).
+
+    An input element lies in at most m = prod_d ceil(span_d / stride_d) windows. Max pooling:
+    ||P(x) - P(y)||^2 <= sum over windows of the largest |x_i - y_i|^2 <= m ||x - y||^2, so sqrt(m)
+    (2 for ResNet's 3x3/2 stem pool, 3 for a 3x3/1 pool). Average pooling over n elements:
+    sqrt(m) / n, with n = 1 when padding is left out of the count. Adaptive pools: 1 for a global
+    pool; otherwise neighbouring windows share at most one element per dimension, so sqrt(2^dims).
+    """
+    if kind == "adaptive":
+        sizes = [size for size in _tuple(output_size, dims) if size is not None] if output_size is not None else []
+        return 1.0 if sizes and all(size == 1 for size in sizes) else math.sqrt(2.0**dims)
+    kernel = _tuple(kernel, dims)
+    stride = kernel if stride is None or stride == [] or stride == () else _tuple(stride, dims)
+    dilation = _tuple(dilation, dims)
+    windows = 1
+    for k, s, d in zip(kernel, stride, dilation):
+        windows *= min(k, math.ceil(((k - 1) * d + 1) / s))
+    if kind == "max":
+        return math.sqrt(windows)
+    count = math.prod(kernel) if (count_include_pad or not any(_tuple(padding, dims))) else 1
+    return math.sqrt(windows) / count
+
+
+def _pool_module_lipschitz(module: nn.Module) -> float:
+    kind, dims = POOL_MODULES[type(module)]
+    if kind == "adaptive":
+        return pool_lipschitz(kind, dims, output_size=module.output_size)
+    return pool_lipschitz(
+        kind, dims, module.kernel_size, module.stride, getattr(module, "dilation", 1), module.padding,
+        getattr(module, "count_include_pad", True),
+    )  # fmt: skip
+
+
+def _pool_call_lipschitz(node: fx.Node, name: str) -> float:
+    kind, dims = POOL_FUNCTIONS[name]
+    names = {
+        "adaptive": ("input", "output_size"),
+        "max": ("input", "kernel_size", "stride", "padding", "dilation"),
+        "avg": ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"),
+    }[kind]
+    values = {**dict(zip(names, node.args)), **node.kwargs}
+    if kind == "adaptive":
+        return pool_lipschitz(kind, dims, output_size=values.get("output_size"))
+    return pool_lipschitz(
+        kind, dims, values["kernel_size"], values.get("stride"), values.get("dilation", 1),
+        values.get("padding", 0), values.get("count_include_pad", True),
+    )  # fmt: skip
+
+
 def module_constants(module: nn.Module) -> Bound | None:
     """(Lipschitz, curvature) of a module, or None when they are not known."""
     if hasattr(module, "lipschitz_constant") and hasattr(module, "curvature_constant"):
         return module.lipschitz_constant(), module.curvature_constant()
+    if type(module) in POOL_MODULES:
+        return _pool_module_lipschitz(module), 0.0
     if isinstance(module, IDENTITY_MODULES) or type(module).__name__ in IDENTITY_MODULE_NAMES:
         return 1.0, 0.0
     if type(module).__name__ in ACTIVATION_CONSTANTS:
@@ -120,6 +190,12 @@ def _node_bound(node: fx.Node, name: str, modules: dict[str, nn.Module], inputs:
         if not factor:
             return None
         factor = 1.0 / factor if node.target in (operator.truediv, torch.div) or name in ("div", "div_") else factor
+        return inputs[0][0] * factor, inputs[0][1] * factor
+    if name in POOL_FUNCTIONS:
+        try:
+            factor = _pool_call_lipschitz(node, name)
+        except (KeyError, TypeError, ValueError):
+            return None  # arguments computed in the graph: no constant known
         return inputs[0][0] * factor, inputs[0][1] * factor
     if name in RESHAPING or node.target in (F.dropout, torch.flatten):
         return inputs[0]

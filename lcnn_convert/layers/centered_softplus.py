@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -12,6 +13,21 @@ LOG2 = math.log(2.0)
 # supported dtype finite (see tests/test_layers.py).
 BETA_MIN = 1e-3
 BETA_MAX = 1e4
+
+
+def _float32_inside(value: float, towards: float) -> float:
+    """The float32 nearest ``value`` strictly on the side of ``towards``: a log beta stored at a
+    clamp end must lie strictly inside the clamp (whose gradient is 0 at and beyond its ends), or
+    beta could never move again."""
+    stored = np.float32(value)
+    while (float(stored) <= value) if towards > value else (float(stored) >= value):
+        stored = np.nextafter(stored, np.float32(towards))
+    return float(stored)
+
+
+LOG_CLAMP_MIN, LOG_CLAMP_MAX = math.log(BETA_MIN), math.log(BETA_MAX)
+LOG_BETA_MIN = _float32_inside(LOG_CLAMP_MIN, towards=0.0)
+LOG_BETA_MAX = _float32_inside(LOG_CLAMP_MAX, towards=0.0)
 
 
 class CenteredSoftplus(nn.Module):
@@ -29,7 +45,7 @@ class CenteredSoftplus(nn.Module):
         super().__init__()
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
-        log_beta = torch.tensor(math.log(min(max(beta, BETA_MIN), BETA_MAX)))
+        log_beta = torch.tensor(min(max(math.log(beta), LOG_BETA_MIN), LOG_BETA_MAX))
         if learnable:
             self.log_beta = nn.Parameter(log_beta)
         else:
@@ -38,11 +54,11 @@ class CenteredSoftplus(nn.Module):
 
     @property
     def beta(self) -> torch.Tensor:
-        return self.log_beta.clamp(math.log(BETA_MIN), math.log(BETA_MAX)).exp()
+        return self.log_beta.clamp(LOG_CLAMP_MIN, LOG_CLAMP_MAX).exp()
 
     @torch.no_grad()
     def set_beta(self, beta: float) -> None:
-        self.log_beta.fill_(math.log(min(max(float(beta), BETA_MIN), BETA_MAX)))
+        self.log_beta.fill_(min(max(math.log(float(beta)), LOG_BETA_MIN), LOG_BETA_MAX))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         beta = self.beta.to(x.dtype)

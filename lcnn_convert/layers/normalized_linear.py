@@ -18,6 +18,12 @@ CONVERSION_ITERATIONS = 50
 CONVERSION_TOLERANCE = 1e-5
 
 
+# The smallest sigma a layer divides by. Dividing by a smaller one would only make the normalized
+# norm smaller than 1 (the bound still holds), while W / sigma(W) is singular at W = 0: a layer
+# whose weight starts at zero would get an enormous first gradient step and overflow.
+MIN_SIGMA = 1e-3
+
+
 class _OperatorNormalized(nn.Module):
     """Shared machinery: weight / sigma(weight), optionally times an explicit slope ``scale``.
 
@@ -39,12 +45,17 @@ class _OperatorNormalized(nn.Module):
     def _operator(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _power_step(self, vector: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _power_step(self, vector: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A^T A v / ||A^T A v||, ||A v||) for a unit vector v."""
         with torch.enable_grad():
             vector = vector.detach().requires_grad_(True)
             image = self._operator(vector, weight)
             (gram,) = torch.autograd.grad(image, vector, image)
-        return gram / gram.norm().clamp_min(1e-12)
+        norm = gram.norm()
+        # An all-zero weight (a zero-initialised head) maps every vector to 0: keep the old vector
+        # rather than a zero one, from which the iteration could never recover once the weight grows.
+        next_vector = torch.where(norm > 0, gram / norm.clamp_min(1e-30), vector.detach())
+        return next_vector, image.detach().norm()
 
     def _start_vector(self, shape: Sequence[int]) -> torch.Tensor:
         vector = self._power_vector
@@ -63,24 +74,31 @@ class _OperatorNormalized(nn.Module):
     ) -> float:
         """Power-iterate to convergence and return ||A|| of ``weight`` (default: the raw weight)."""
         weight = self.weight.detach() if weight is None else weight.detach()
-        vector = self._start_vector(self.input_shape.tolist())
+        stored_dtype = weight.dtype
+        if stored_dtype in (torch.float16, torch.bfloat16):
+            # A^T A v overflows float16 once ||A|| passes ~256, and bfloat16's 8 bits of mantissa
+            # leave sigma ~10% off: iterate in float32.
+            weight = weight.float()
+        vector = self._start_vector(self.input_shape.tolist()).to(weight.dtype)
         previous = 0.0
         for _ in range(iterations):
-            vector = self._power_step(vector, weight)
-            estimate = float(self._operator(vector, weight).norm())
+            vector, norm = self._power_step(vector, weight)
+            estimate = float(norm)
             if abs(estimate - previous) <= tolerance * estimate:
                 break
             previous = estimate
-        self._power_vector = vector
+        estimate = float(self._operator(vector, weight).norm())  # at the last, best vector
+        self._power_vector = vector.to(stored_dtype)
         return estimate
 
     def _training_sigma(self, input_shape: Sequence[int]) -> torch.Tensor:
         if self._power_vector is None or tuple(self._power_vector.shape[1:]) != tuple(input_shape):
             self.input_shape = torch.tensor(list(input_shape), dtype=torch.long)
             self.estimate_operator_norm()
-        vector = self._power_step(self._power_vector, self.weight.detach())
+        vector, _ = self._power_step(self._power_vector, self.weight.detach())
         self._power_vector = vector
-        sigma = self._operator(vector, self.weight).norm()
+        # sqrt of a clamped sum of squares: norm() has a 0/0 gradient at an all-zero weight
+        sigma = self._operator(vector, self.weight).square().sum().clamp_min(MIN_SIGMA**2).sqrt()
         with torch.no_grad():
             self.sigma.copy_(sigma)
         return sigma
@@ -90,7 +108,7 @@ class _OperatorNormalized(nn.Module):
             sigma = self._training_sigma(input_shape or self.input_shape.tolist())
         else:
             sigma = self.sigma
-        return self.weight / sigma
+        return self.weight / sigma.clamp_min(MIN_SIGMA)
 
     def lipschitz_constant(self) -> float:
         return abs(float(self.scale.detach())) if self.scale is not None else 1.0
@@ -108,6 +126,10 @@ class _OperatorNormalized(nn.Module):
         self.weight.copy_(source.weight)
         if sigma is None:
             sigma = self.estimate_operator_norm()
+            if sigma < MIN_SIGMA:
+                # an all-zero weight (a zero-initialised head): any sigma keeps the function, and
+                # 1 leaves an explicit scale of 1 to learn from
+                sigma = 1.0 if not self.weight.any() else MIN_SIGMA
         self.sigma.fill_(sigma)
         if self.bias is not None:
             self.bias.copy_(source.bias if self.scale is not None else source.bias / sigma)
