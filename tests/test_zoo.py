@@ -1,0 +1,39 @@
+"""`pytest -m zoo`: convert -> forward -> export -> onnxruntime parity over a representative subset.
+
+The subset covers each mechanism the pass meets: plain residual CNNs, depthwise/inverted residuals,
+concatenation (DenseNet, Inception), channel shuffles, squeeze-excitation, BatchNormAct (timm),
+LayerNorm/GELU models where only linears are normalized, and attention. docs/zoo.md has the sweep
+over the whole zoo (benchmarks/zoo_sweep.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lcnn_convert.zoo import check_model
+
+REPRESENTATIVE = (
+    "torchvision:resnet18",
+    "torchvision:mobilenet_v3_small",
+    "torchvision:squeezenet1_1",
+    "torchvision:shufflenet_v2_x0_5",
+    "torchvision:googlenet",
+    "torchvision:regnet_x_400mf",
+    "torchvision:efficientnet_b0",
+    "torchvision:vit_b_32",
+    "timm:dla34",
+    "timm:ghostnet_100",
+    "timm:rexnet_100",
+    "timm:convnext_atto",
+    "timm:vit_tiny_patch16_224",
+)
+
+
+@pytest.mark.zoo
+@pytest.mark.slow
+@pytest.mark.parametrize("name", REPRESENTATIVE)
+def test_model_survives_conversion_export_and_parity(name):
+    result = check_model(name)
+    assert result.status == "ok", f"{name}: {result.reason} (at {result.stage})"
+    assert result.parity_max_abs_diff is not None and result.parity_max_abs_diff <= 1e-4
+    assert result.batchnorms + result.activations + result.normalized > 0
