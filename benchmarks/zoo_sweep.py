@@ -68,6 +68,26 @@ def summary(results: list[ZooResult]) -> str:
     )
 
 
+def render(results: list[ZooResult]) -> str:
+    """docs/zoo.md: how the sweep was run, the counts, and one row per model."""
+    header = (
+        "# Model-zoo sweep\n\n"
+        "Every torchvision classification model and the timm models of `lcnn_convert.zoo.TIMM_ZOO`, built\n"
+        "with random weights (BatchNorm statistics estimated on 16 random images), converted with β = 10,\n"
+        "run, exported to ONNX and compared with onnxruntime on 6 random images: parity passes at a max abs\n"
+        "difference of the logits ≤ 1e-4 with the same top-1 class. Random weights can give logits in the\n"
+        "hundreds, where float32 rounding alone exceeds 1e-4; for those the original model is exported and\n"
+        "checked the same way, and the conversion passes if its difference is at most 2× the original's\n"
+        "(both are listed). `size`: the first of 32/64/96/128/224 (then the model's own) it runs at. `left`\n"
+        "counts calls left as they were (GELU/SiLU activations, LayerNorm, …): `report.json` of a real run\n"
+        "lists them. Regenerate with `python benchmarks/zoo_sweep.py` (about 40 minutes here).\n\n"
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}.\n\n"
+        f"**{summary(results)}.**\n\n"
+    )
+    return header + markdown_table(results)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="model names (torchvision:NAME / timm:NAME); default all")
@@ -95,19 +115,7 @@ def main() -> int:
             with open(args.json, "a") as handle:
                 handle.write(json.dumps(result.to_dict()) + "\n")
 
-    header = (
-        "# Model-zoo sweep\n\n"
-        "Every torchvision classification model and the timm models of `lcnn_convert.zoo.TIMM_ZOO`, built\n"
-        "with random weights (BatchNorm statistics estimated on 16 random images), converted with β = 10,\n"
-        "run, exported to ONNX and compared with onnxruntime (atol 1e-4 on the logits, 2 random images\n"
-        "plus 4 more). `size` is the first of 64/96/128/224 at which the original runs. `left` counts calls\n"
-        "left as they were (e.g. GELU/SiLU activations, LayerNorm), see `report.json` of a real run for\n"
-        "the list. Regenerate with `python benchmarks/zoo_sweep.py`.\n\n"
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}.\n\n"
-        f"**{summary(results)}.**\n\n"
-    )
-    text = header + markdown_table(results)
+    text = render(results)
     if args.output == "-":
         sys.stdout.write(text)
     else:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import os
+import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -29,9 +34,30 @@ def check_standard_ops(model: onnx.ModelProto) -> None:
         raise LcnnError(f"ONNX export used non-standard ops: {', '.join(custom)}")
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to a scratch file: when the TorchScript exporter gives up on a graph it
+    prints the whole IR from C++ (around 200 lines), which Python's redirect_stderr cannot catch;
+    we fall back to the other exporter, so the dump is noise."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (embedded interpreters, some notebooks)
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool) -> None:
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
-    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+    quiet = (warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()))
+    with quiet[0], quiet[1], quiet[2], _quiet_native_stderr():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,

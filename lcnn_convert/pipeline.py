@@ -26,7 +26,14 @@ from .conversion import ConvertOptions, convert, convert_with_options
 from .errors import LcnnError, first_line
 from .export import DEFAULT_OPSET, export_onnx
 from .bn_statistics import has_untrained_batchnorm, recalibrate_batchnorm
-from .distributed import DistributedContext, broadcast_from_main, initialize, launched_by_torchrun, share_outcome, shutdown
+from .distributed import (
+    DistributedContext,
+    broadcast_from_main,
+    initialize,
+    launched_by_torchrun,
+    share_outcome,
+    shutdown,
+)
 from .finetune import CHECKPOINT_FILE, FinetuneConfig, finetune, load_checkpoint
 from .io import StagedDirectory, WorkingDirectory
 from .models import (
@@ -179,15 +186,10 @@ def run_conversion(job: ConversionJob, console: Console | None = None) -> dict[s
                     f"--batch-size {job.training.batch_size} is the global batch and must be a multiple of the "
                     f"{distributed.world_size} processes"
                 )
-            directory, error = None, None
-            if distributed is None or distributed.is_main:
-                try:
-                    directory = WorkingDirectory(
-                        final, overwrite=job.overwrite, resume=job.resume, resume_file=CHECKPOINT_FILE
-                    )
-                except LcnnError as failure:
-                    error = str(failure)
-            share_outcome(distributed, error)
+            def open_directory() -> WorkingDirectory:
+                return WorkingDirectory(final, overwrite=job.overwrite, resume=job.resume, resume_file=CHECKPOINT_FILE)
+
+            directory = open_directory() if distributed is None else _run_on_main(distributed, open_directory)
             with directory or contextlib.nullcontext():
                 out = directory.path if directory is not None else Path(final).expanduser().absolute()
                 return _run(job, spec, out, console, directory, distributed)
@@ -199,10 +201,8 @@ def run_conversion(job: ConversionJob, console: Console | None = None) -> dict[s
     return report
 
 
-def _on_main(distributed: DistributedContext | None, work: Callable[[], Any]) -> Any:
-    """Run ``work`` on rank 0 only (everywhere without DDP); its result, or its error, reaches every rank."""
-    if distributed is None:
-        return work()
+def _run_on_main(distributed: DistributedContext, work: Callable[[], Any]) -> Any:
+    """Run ``work`` on rank 0; an LcnnError there stops every rank with rank 0's message."""
     result, error = None, None
     if distributed.is_main:
         try:
@@ -210,25 +210,31 @@ def _on_main(distributed: DistributedContext | None, work: Callable[[], Any]) ->
         except LcnnError as failure:
             error = str(failure)
     share_outcome(distributed, error)
-    return broadcast_from_main(distributed, result)
+    return result
+
+
+def _on_main(distributed: DistributedContext | None, work: Callable[[], Any]) -> Any:
+    """Run ``work`` on rank 0 only (everywhere without DDP); its result reaches every rank."""
+    if distributed is None:
+        return work()
+    return broadcast_from_main(distributed, _run_on_main(distributed, work))
 
 
 def _main_first(distributed: DistributedContext | None, work: Callable[[], Any]) -> Any:
     """Run ``work`` on rank 0, then (if it succeeded) on the other ranks; every rank gets its own result."""
     if distributed is None:
         return work()
-    result, error = None, None
-    if distributed.is_main:
-        try:
-            result = work()
-        except LcnnError as failure:
-            error = str(failure)
-    share_outcome(distributed, error)
+    result = _run_on_main(distributed, work)
     return result if distributed.is_main else work()
 
 
 def _run(
-    job: ConversionJob, spec: ModelSpec, out: Path, console: Console, workdir, distributed: DistributedContext | None = None
+    job: ConversionJob,
+    spec: ModelSpec,
+    out: Path,
+    console: Console,
+    workdir: WorkingDirectory | None,
+    distributed: DistributedContext | None = None,
 ) -> dict[str, Any] | None:
     from .data import load_dataset
 

@@ -369,3 +369,22 @@ def test_a_shared_batchnorm_stays_shared_while_each_relu_site_gets_its_own_beta(
     assert isinstance(converted.get_submodule("conv"), NormalizedConv) and converted.get_submodule("conv").scale is not None
     with torch.no_grad():
         assert relative_error(converted(x), model(x)) <= 1e-3
+
+
+def test_pooling_lipschitz_constants_count_overlapping_windows():
+    from lcnn_convert.conversion.bound import pool_lipschitz
+
+    assert pool_lipschitz("max", 2, 2, 2) == 1.0  # disjoint windows
+    assert pool_lipschitz("max", 2, 3, 2) == 2.0  # ResNet's stem: each input in up to 2x2 windows
+    assert pool_lipschitz("max", 2, 3, 1) == 3.0
+    assert pool_lipschitz("avg", 2, 2, 2) == 0.25
+    assert pool_lipschitz("avg", 2, 3, 1) == 3.0 / 9.0
+    assert pool_lipschitz("avg", 2, 3, 1, padding=1, count_include_pad=False) == 3.0  # border windows average fewer
+    assert pool_lipschitz("adaptive", 2, output_size=1) == pool_lipschitz("adaptive", 2, output_size=(1, 1)) == 1.0
+    assert pool_lipschitz("adaptive", 2, output_size=(7, 7)) == 2.0
+
+
+def test_a_bound_past_the_float_range_is_infinite_not_an_error():
+    from lcnn_convert.conversion.bound import INFINITE, _compose
+
+    assert _compose((1.0, 1.0), (1e200, 0.0)) == INFINITE  # DenseNet-161's curvature bound overflowed here

@@ -57,7 +57,10 @@ def _compose(outer: Bound, inner: Bound) -> Bound:
     inner_lipschitz, inner_curvature = inner
     if math.isinf(lipschitz) or math.isinf(curvature):
         return INFINITE
-    composed_curvature = curvature * inner_lipschitz**2 if curvature else 0.0
+    try:
+        composed_curvature = curvature * inner_lipschitz**2 if curvature else 0.0
+    except OverflowError:  # deep nets (DenseNet-201) pass 1e308: the bound is then of no use anyway
+        return INFINITE
     return lipschitz * inner_lipschitz, composed_curvature + lipschitz * inner_curvature
 
 
@@ -182,7 +185,7 @@ def _node_bound(node: fx.Node, name: str, modules: dict[str, nn.Module], inputs:
     if node.target in SUMS or name in ("add", "sub", "add_", "sub_"):
         return _sum(inputs)
     if node.target in CONCATENATIONS or name in ("cat", "stack"):
-        return math.sqrt(sum(b[0] ** 2 for b in inputs)), math.sqrt(sum(b[1] ** 2 for b in inputs))
+        return math.hypot(*(b[0] for b in inputs)), math.hypot(*(b[1] for b in inputs))  # no overflow
     if node.target in SCALINGS or name in ("mul", "div", "mul_", "div_"):
         if len(inputs) != 1:
             return None  # product of two input-dependent tensors: no global bound
