@@ -30,12 +30,74 @@ LOG_BETA_MIN = _float32_inside(LOG_CLAMP_MIN, towards=0.0)
 LOG_BETA_MAX = _float32_inside(LOG_CLAMP_MAX, towards=0.0)
 
 
+def _centered_softplus(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """(softplus(beta x) - log 2) / beta from ops that stay finite in every dtype: exp only ever
+    sees non-positive arguments, and relu(x) is written (x + |x|)/2 so its autograd slope at 0 is 1/2."""
+    magnitude = x.abs()
+    return 0.5 * (x + magnitude) + (torch.log1p(torch.exp(-beta * magnitude)) - LOG2) / beta
+
+
+class _CenteredSoftplusFunction(torch.autograd.Function):
+    """The same values with hand-written derivatives, used whenever autograd records.
+
+    Autograd through the formula above gets two things wrong: its second derivative at x == 0 is 0
+    (d sign(x) / dx = 0) where the true curvature peaks at beta / 4, and the backward of (...) / beta
+    forms 1 / beta^2, which overflows float16 for beta < 3.9e-3. The derivatives below are
+    sigmoid(beta x) for x and x sigmoid(beta x) - s for log beta: finite, and themselves
+    differentiable, so double backward (curvature, gradient-norm penalty) sees the true curvature.
+    Saving only x and the output also keeps less memory than the formula's intermediates.
+    """
+
+    generate_vmap_rule = True  # torch.func transforms (jacrev, jacfwd, vmap) work through it
+
+    @staticmethod
+    def forward(x: torch.Tensor, log_beta: torch.Tensor) -> torch.Tensor:
+        return _centered_softplus(x, log_beta.exp().to(x.dtype))
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
+        x, log_beta = inputs
+        ctx.save_for_backward(x, log_beta, output)
+        ctx.save_for_forward(x, log_beta, output)
+
+    @staticmethod
+    def _derivatives(ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(slope in x, x itself, output) from the saved tensors."""
+        x, log_beta, output = ctx.saved_tensors
+        return torch.sigmoid(log_beta.exp().to(x.dtype) * x), x, output
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        slope, x, output = _CenteredSoftplusFunction._derivatives(ctx)
+        grad_x = grad * slope if ctx.needs_input_grad[0] else None
+        grad_log_beta = None
+        if ctx.needs_input_grad[1]:
+            log_beta = ctx.saved_tensors[1]
+            # summed in float32: one float16 term is finite, a sum over a batch of them may not be
+            grad_log_beta = (grad * (x * slope - output)).float().sum().to(log_beta.dtype)
+        return grad_x, grad_log_beta
+
+    @staticmethod
+    def jvp(ctx, x_tangent: torch.Tensor | None, log_beta_tangent: torch.Tensor | None) -> torch.Tensor:
+        slope, x, output = _CenteredSoftplusFunction._derivatives(ctx)
+        tangent = torch.zeros_like(output)
+        if x_tangent is not None:
+            tangent = tangent + x_tangent * slope
+        if log_beta_tangent is not None:
+            tangent = tangent + log_beta_tangent.to(x.dtype) * (x * slope - output)
+        return tangent
+
+
+def _records_autograd(x: torch.Tensor, log_beta: torch.Tensor) -> bool:
+    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return False
+    if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return False
+    return torch.is_grad_enabled() and (x.requires_grad or log_beta.requires_grad)
+
+
 class CenteredSoftplus(nn.Module):
     """s_beta(x) = (softplus(beta * x) - log 2) / beta, with a learnable log beta.
-
-    Computed as ``x/2 + |x|/2 + (log1p(exp(-beta*|x|)) - log 2) / beta``: exp only ever sees
-    non-positive arguments, so no dtype overflows, and writing relu(x) as (x + |x|)/2 keeps the
-    autograd slope at x == 0 equal to the true value 1/2.
 
     ``shift`` is a constant added to the output; it is 0 for converted ReLUs and log(2)/beta0 for
     converted plain softplus layers, so that replacing ``nn.Softplus(beta0)`` preserves the function.
@@ -61,9 +123,11 @@ class CenteredSoftplus(nn.Module):
         self.log_beta.fill_(min(max(math.log(float(beta)), LOG_BETA_MIN), LOG_BETA_MAX))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        beta = self.beta.to(x.dtype)
-        magnitude = x.abs()
-        y = 0.5 * (x + magnitude) + (torch.log1p(torch.exp(-beta * magnitude)) - LOG2) / beta
+        log_beta = self.log_beta.clamp(LOG_CLAMP_MIN, LOG_CLAMP_MAX)
+        if _records_autograd(x, log_beta):
+            y = _CenteredSoftplusFunction.apply(x, log_beta)
+        else:
+            y = _centered_softplus(x, log_beta.exp().to(x.dtype))
         if self.shift:
             y = y + self.shift
         return y

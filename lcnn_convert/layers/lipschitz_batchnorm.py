@@ -6,7 +6,6 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,12 +14,16 @@ from torch import nn
 MIN_GAIN = 1e-12
 
 
-def _log_at_least(value: float) -> float:
-    """The float32 log whose exp is >= value, so that min(1, gamma / value) is exactly 1."""
-    log_value = np.float32(math.log(value))
-    while np.exp(log_value) < np.float32(value):
-        log_value = np.nextafter(log_value, np.float32(np.inf))
-    return float(log_value)
+def _log_at_least(gain: torch.Tensor) -> torch.Tensor:
+    """The log gamma, in ``gain``'s dtype, whose exp is >= gain as clip_factor computes it (same dtype,
+    same torch exp), so that min(1, gamma / gain) is exactly 1: rounding it down in float16 or
+    bfloat16 would shrink every gain of a freshly converted layer."""
+    # log in at least float32 (CPU half-precision log is not everywhere); then a few ulps up at most
+    log_gain = gain.log() if gain.dtype in (torch.float32, torch.float64) else gain.float().log().to(gain.dtype)
+    towards = torch.full_like(log_gain, math.inf)
+    while bool(log_gain.exp() < gain):
+        log_gain = torch.nextafter(log_gain, towards)
+    return log_gain
 
 
 class LipschitzBatchNorm(nn.Module):
@@ -115,8 +118,8 @@ class LipschitzBatchNorm(nn.Module):
         A BN whose gains are all zero (timm's zero-initialised last BN of a residual block) gets
         gamma = 1 instead: any gamma >= 0 preserves it, and 1 leaves room to learn.
         """
-        largest_gain = float(self.channel_gains().max())
-        self.log_gamma.fill_(_log_at_least(largest_gain) if largest_gain > MIN_GAIN else 0.0)
+        largest_gain = self.channel_gains().max()
+        self.log_gamma.fill_(_log_at_least(largest_gain) if float(largest_gain) > MIN_GAIN else 0.0)
 
     @contextmanager
     def holding_clip(self) -> Iterator[None]:
@@ -138,7 +141,7 @@ class LipschitzBatchNorm(nn.Module):
                     if float(held) < 1.0:
                         self.log_gamma.fill_(math.log(float(held) * largest_gain))
                     elif float(self.log_gamma.exp()) < largest_gain:
-                        self.log_gamma.fill_(_log_at_least(largest_gain))
+                        self.log_gamma.fill_(_log_at_least(self.channel_gains().max()))
 
     @torch.no_grad()
     def absorb_input_scale(self, scale: float) -> None:
