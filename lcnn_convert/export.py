@@ -6,6 +6,7 @@ import contextlib
 import copy
 import io
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -18,13 +19,26 @@ import torch
 from torch import nn
 
 from .errors import LcnnError, first_line
-from .io import atomic_file
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 DYNAMO_MIN_OPSET = 18
 STANDARD_DOMAINS = ("", "ai.onnx")
+# A protobuf message cannot exceed 2 GiB: past this many bytes of weights the tensors go to a
+# side file (``model.onnx.data``), with margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def external_data_path(path: str | Path) -> Path:
+    """Where the weights of ``path`` live when it is exported with external data."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def needs_external_data(model: nn.Module) -> bool:
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) > EXTERNAL_DATA_THRESHOLD
 
 
 def check_standard_ops(model: onnx.ModelProto) -> None:
@@ -72,7 +86,9 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, ops
         )
 
 
-def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool) -> None:
+def _export_dynamo(
+    model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool, external: bool
+) -> None:
     shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -86,7 +102,7 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, path: Path, opset: i
             dynamic_shapes=shapes,
             optimize=True,
         )
-        program.save(str(path), external_data=False)
+        program.save(str(path), external_data=external)
 
 
 def export_onnx(
@@ -95,32 +111,60 @@ def export_onnx(
     example_input: torch.Tensor,
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
+    external_data: bool | None = None,
 ) -> Path:
-    """Export ``model`` in eval mode on the CPU to ``path`` (written atomically) and check it.
+    """Export ``model`` in eval mode on the CPU to ``path`` and check it.
 
     Uses the TorchScript-based exporter (fast, and it folds eval-time constants such as W/sigma),
     falling back to the torch.export-based one (opset >= 18) for graphs the first cannot trace.
-    The file passes onnx.checker and uses only default-domain ops.
+    The file passes onnx.checker and uses only default-domain ops. Models with more than ~1.8 GB of
+    weights (``external_data=None``), or any model with ``external_data=True``, keep their tensors
+    in ``path`` + ".data" beside the graph; onnxruntime and onnx.load find it by the graph's path.
+
+    Everything is built in a scratch directory beside ``path``; the data file is moved into place
+    first and the graph last, so an existing ``path`` is only ever replaced by a complete export.
     """
     if opset < DEFAULT_OPSET:
         raise LcnnError(f"opset must be >= {DEFAULT_OPSET}, got {opset}")
     path = Path(path)
     model = copy.deepcopy(model).cpu().eval()
+    external = needs_external_data(model) if external_data is None else external_data
     example_input = example_input.detach().cpu()
-    with atomic_file(path) as temporary:
+    data_path = external_data_path(path)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        raw, final = scratch / "exported.onnx", scratch / path.name
         try:
-            _export_torchscript(model, example_input, temporary, opset, dynamic_batch)
+            _export_torchscript(model, example_input, raw, opset, dynamic_batch)
         except Exception as script_error:  # the exporters raise many unrelated types
             # Some graphs (e.g. scaled_dot_product_attention under jit tracing) only export
             # through torch.export; that exporter starts at opset 18.
+            for leftover in scratch.iterdir():
+                leftover.unlink()
             try:
-                _export_dynamo(model, example_input, temporary, max(opset, DYNAMO_MIN_OPSET), dynamic_batch)
+                _export_dynamo(model, example_input, raw, max(opset, DYNAMO_MIN_OPSET), dynamic_batch, external)
             except Exception:
                 raise LcnnError(f"ONNX export failed: {first_line(script_error)}") from script_error
-        exported = onnx.load(str(temporary))
+        # Re-saved so that the tensors sit in one file under our name (or inline), whatever the
+        # exporter chose.
+        onnx.save_model(
+            onnx.load(str(raw)),
+            str(final),
+            save_as_external_data=external,
+            all_tensors_to_one_file=True,
+            location=data_path.name,
+            size_threshold=1024,
+        )
         try:
-            onnx.checker.check_model(exported, full_check=True)
+            onnx.checker.check_model(str(final), full_check=True)  # by path: works past 2 GiB
         except onnx.checker.ValidationError as error:
             raise LcnnError(f"exported ONNX fails onnx.checker: {first_line(error)}") from error
-        check_standard_ops(exported)
+        check_standard_ops(onnx.load(str(final), load_external_data=False))
+        if external:
+            os.replace(scratch / data_path.name, data_path)
+        os.replace(final, path)
+        if not external:
+            data_path.unlink(missing_ok=True)  # a previous export's weights, no longer referenced
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return path

@@ -111,9 +111,13 @@ class WorkingDirectory:
         if not os.access(self.path, os.W_OK):
             raise LcnnError(f"cannot write output dir {self.path}: Permission denied")
         if resume:
-            # what atomic_file was writing when the interrupted run was killed
+            # what atomic_file (a file) or export_onnx (a scratch dir) was writing when the
+            # interrupted run was killed
             for partial in self.path.glob(".*.partial"):
-                partial.unlink(missing_ok=True)
+                if partial.is_dir():
+                    shutil.rmtree(partial, ignore_errors=True)
+                else:
+                    partial.unlink(missing_ok=True)
 
     def clear(self) -> None:
         """Remove what an earlier run left (only with overwrite, only once)."""

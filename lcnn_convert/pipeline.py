@@ -24,7 +24,7 @@ from . import __version__
 from .artifacts import ONNX_FILE, REPORT_FILE, WEIGHTS_FILE, save
 from .conversion import ConvertOptions, convert, convert_with_options
 from .errors import LcnnError, first_line
-from .export import DEFAULT_OPSET, export_onnx
+from .export import DEFAULT_OPSET, export_onnx, external_data_path
 from .bn_statistics import has_untrained_batchnorm, recalibrate_batchnorm
 from .distributed import (
     DistributedContext,
@@ -343,6 +343,8 @@ def _run(
         real = _first_examples(splits.test, 32) if splits is not None else calibration
         parity = verify_onnx(converted, out / ONNX_FILE, real, atol=job.atol, seed=job.seed + 1)
     files = {"onnx": ONNX_FILE, "weights": WEIGHTS_FILE, "report": REPORT_FILE}
+    if external_data_path(out / ONNX_FILE).is_file():
+        files["onnx_data"] = external_data_path(ONNX_FILE).name
     if curvatures:
         from .plots import plot_curvature, plot_training
 

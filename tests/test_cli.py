@@ -177,3 +177,30 @@ def test_examples_run(script):
     result = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "ConversionReport(method=fx" in result.stdout
+
+
+@pytest.mark.slow
+def test_models_past_the_protobuf_limit_export_with_external_data(tmp_path, cli, monkeypatch):
+    """Models with more than ~1.8 GB of weights (torchvision's regnet_y_128gf, vit_h_14) cannot be
+    one protobuf; the same code path runs here on a small model with the threshold lowered."""
+    import lcnn_convert.export
+
+    monkeypatch.setattr(lcnn_convert.export, "EXTERNAL_DATA_THRESHOLD", 1_000_000)
+    out = tmp_path / "out"
+    result = cli("resnet18", *SMALL, "-o", out)
+    assert result.code == 0, result.err
+    names = sorted(path.name for path in out.iterdir())
+    assert names == ["model.onnx", "model.onnx.data", "model.safetensors", "report.json"]
+    graph, data = out / "model.onnx", out / "model.onnx.data"
+    assert graph.stat().st_size < 100_000 < 40_000_000 < data.stat().st_size
+    report = json.loads((out / "report.json").read_text())
+    assert report["files"]["onnx_data"] == "model.onnx.data" and report["parity"]["passed"]
+    assert cli("verify", out).code == 0
+    # The pair is checked as a pair: a truncated data file fails in one line.
+    weights = data.read_bytes()
+    data.write_bytes(weights[: len(weights) // 2])
+    assert_one_line_error(cli("verify", out), "model.onnx")
+    # Below the threshold again, a re-export into the same dir leaves no stale data file.
+    monkeypatch.setattr(lcnn_convert.export, "EXTERNAL_DATA_THRESHOLD", 10**12)
+    assert cli("resnet18", *SMALL, "-o", out, "--overwrite").code == 0
+    assert sorted(path.name for path in out.iterdir()) == ["model.onnx", "model.safetensors", "report.json"]
