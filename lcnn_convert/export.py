@@ -49,29 +49,32 @@ def check_standard_ops(model: onnx.ModelProto) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_native_stderr() -> Iterator[None]:
-    """Send file descriptor 2 to a scratch file: when the TorchScript exporter gives up on a graph it
-    prints the whole IR from C++ (around 200 lines), which Python's redirect_stderr cannot catch;
-    we fall back to the other exporter, so the dump is noise."""
+def _quiet_native_output() -> Iterator[None]:
+    """Send file descriptors 1 and 2 to a scratch file: when the TorchScript exporter gives up on a
+    graph it prints the whole IR from C++ to stdout (around 200 lines), which Python's
+    redirect_stdout cannot catch; we fall back to the other exporter, so the dump is noise."""
     try:
+        sys.stdout.flush()
         sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real fd 2 (embedded interpreters, some notebooks)
+        saved = [os.dup(1), os.dup(2)]
+    except (OSError, ValueError):  # no real fds (embedded interpreters, some notebooks)
         yield
         return
     with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
         try:
             yield
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            for fd, copy_of in zip((1, 2), saved):
+                os.dup2(copy_of, fd)
+                os.close(copy_of)
 
 
 def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamic_batch: bool) -> None:
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
     quiet = (warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()))
-    with quiet[0], quiet[1], quiet[2], _quiet_native_stderr():
+    with quiet[0], quiet[1], quiet[2], _quiet_native_output():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,

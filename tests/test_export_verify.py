@@ -106,3 +106,14 @@ def test_top1_gate_tolerates_near_ties_but_not_real_flips(tmp_path):
     far = verify_onnx(flipped, path, torch.zeros(2, 2), num_random=0)
     assert far.max_abs_diff <= far.atol and far.near_ties == 0
     assert not far.passed and far.top1_agreement == 0.5 and "top-1 agreement" in far.failure()
+
+
+def test_exporter_fallback_prints_nothing(tmp_path, capfd):
+    """The TorchScript exporter prints its whole IR from C++ (to fd 1) when it gives up on a graph
+    such as an adaptive pool to a size that does not divide its input; the fallback exports it."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.AdaptiveAvgPool2d(6), torch.nn.Flatten()).eval()
+    x = torch.randn(2, 3, 16, 16)
+    path = export_onnx(model, tmp_path / "pool.onnx", x[:1])
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert lc.verify_onnx(model, path, x, num_random=0).passed

@@ -1,0 +1,282 @@
+"""Performance benchmarks: converted LCNN vs the original model, as ratios measured side by side.
+
+    python benchmarks/performance.py                         # all of them, writes docs/benchmarks.md
+    python benchmarks/performance.py --only onnx --output -  # one group, print the table
+
+Groups (--only): onnx (onnxruntime latency), finetune (step time), memory (peak allocation of a
+training step), curvature (estimator time and estimate), convert (convert() time).
+
+Every figure is a ratio of two things timed alternately in the same process (A B B A A B ...),
+after warm-up, as the median of the per-repetition ratios over --reps repetitions (>= 20). Models
+have random weights with BatchNorm statistics estimated on random images (no downloads); the
+ONNX comparison exports the original through the same exporter from the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import lcnn_convert as lc
+from lcnn_convert.finetune import cross_entropy_and_grad_penalty, regularisers
+from lcnn_convert.measure import estimate_curvature
+from lcnn_convert.verify import onnx_session
+from lcnn_convert.zoo import estimate_random_statistics
+
+ROOT = Path(__file__).resolve().parents[1]
+THREADS = 2
+BETA = 10.0
+ONNX_CASES = [("resnet18", 1, 224), ("resnet18", 64, 32), ("resnet50", 1, 224), ("efficientnet_b0", 1, 224)]
+GROUPS = ("onnx", "finetune", "memory", "curvature", "convert")
+
+
+@dataclass
+class Row:
+    group: str
+    case: str
+    ratio: float
+    goal: str
+    baseline: str
+    candidate: str
+    detail: str = ""
+
+    def met(self) -> str:
+        limit = float(self.goal.lstrip("≤≥ ×").rstrip("×"))
+        ok = self.ratio <= limit if self.goal.startswith("≤") else self.ratio >= limit
+        return "yes" if ok else "**no**"
+
+
+def random_model(name: str, size: int, num_classes: int = 1000) -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    estimate_random_statistics(model, size, seed=0)
+    return model.eval()
+
+
+def alternate(first: Callable[[], object], second: Callable[[], object], reps: int, warmup: int = 3):
+    """Per-repetition times of ``first`` and ``second``, run alternately (ABBA order)."""
+    for _ in range(warmup):
+        first()
+        second()
+    times_first, times_second = [], []
+
+    def timed(function: Callable[[], object]) -> float:
+        started = time.perf_counter()
+        function()
+        return time.perf_counter() - started
+
+    for rep in range(reps):
+        if rep % 2 == 0:
+            times_first.append(timed(first))
+            times_second.append(timed(second))
+        else:
+            times_second.append(timed(second))
+            times_first.append(timed(first))
+    return times_first, times_second
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    return statistics.median(n / d for n, d in zip(numerator, denominator))
+
+
+def ms(times: list[float]) -> str:
+    return f"{1000 * statistics.median(times):.2f} ms"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_onnx(reps: int) -> list[Row]:
+    rows = []
+    for name, batch, size in ONNX_CASES:
+        model = random_model(name, size)
+        example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+        converted = lc.convert(model, example, beta=BETA).eval()
+        with tempfile.TemporaryDirectory() as folder:
+            original_path = lc.export_onnx(model, Path(folder) / "original.onnx", example[:1])
+            converted_path = lc.export_onnx(converted, Path(folder) / "converted.onnx", example[:1])
+            parity = lc.verify_onnx(converted, converted_path, example, num_random=4)
+            original = onnx_session(original_path, threads=THREADS)
+            lcnn = onnx_session(converted_path, threads=THREADS)
+            feed = {"input": torch.randn(batch, 3, size, size).numpy()}
+            base, cand = alternate(lambda: original.run(None, feed), lambda: lcnn.run(None, feed), reps)
+        rows.append(Row(
+            "onnx latency", f"{name} b{batch}@{size}", median_ratio(cand, base), "≤ 1.10×", ms(base), ms(cand),
+            f"parity {'passed' if parity.passed else 'FAILED'}, max abs diff {parity.max_abs_diff:.1e}",
+        ))  # fmt: skip
+        print(rows[-1], file=sys.stderr)
+    return rows
+
+
+def _training_steps(lambda_grad: float) -> tuple[Callable[[], None], Callable[[], None], nn.Module, nn.Module]:
+    """(plain CE step on the original, LCNN step on the converted model): resnet18, batch 128 at 32x32."""
+    original = random_model("resnet18", 32, num_classes=10)
+    generator = torch.Generator().manual_seed(2)
+    images = torch.randn(128, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, 10, (128,), generator=generator)
+    converted = lc.convert(original, images[:8], beta=BETA)
+    original.train()
+    converted.train()
+    plain_optimizer = torch.optim.SGD(original.parameters(), lr=1e-3, momentum=0.9)
+    lcnn_optimizer = torch.optim.SGD(converted.parameters(), lr=1e-3, momentum=0.9)
+
+    def plain() -> None:
+        plain_optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(original(images), labels).backward()
+        plain_optimizer.step()
+
+    def lcnn() -> None:
+        lcnn_optimizer.zero_grad(set_to_none=True)
+        cross_entropy, penalty = cross_entropy_and_grad_penalty(converted, images, labels, lambda_grad)
+        beta_term, gamma_term = regularisers(converted)
+        (cross_entropy + 1e-2 * beta_term + 1e-2 * gamma_term + lambda_grad * penalty).backward()
+        lcnn_optimizer.step()
+
+    return plain, lcnn, original, converted
+
+
+def bench_finetune(reps: int) -> list[Row]:
+    rows = []
+    for lambda_grad, goal in ((0.0, "≤ 1.20×"), (0.1, "≤ 2.00×")):
+        plain, lcnn, _, _ = _training_steps(lambda_grad)
+        base, cand = alternate(plain, lcnn, reps)
+        case = "resnet18 b128@32, β/γ terms" + (", + gradient-norm penalty" if lambda_grad else "")
+        rows.append(Row("fine-tuning step", case, median_ratio(cand, base), goal, ms(base), ms(cand)))
+        print(rows[-1], file=sys.stderr)
+    return rows
+
+
+def peak_allocated(step: Callable[[], None]) -> int:
+    """Peak bytes held by CPU tensors during ``step`` above what was held before it (profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    events = sorted(
+        (event for event in profiler.events() if event.name == "[memory]"), key=lambda event: event.time_range.start
+    )
+    held = peak = 0
+    for event in events:
+        held += event.cpu_memory_usage
+        peak = max(peak, held)
+    return peak
+
+
+def bench_memory(reps: int) -> list[Row]:
+    rows = []
+    for lambda_grad in (0.0, 0.1):
+        plain, lcnn, _, _ = _training_steps(lambda_grad)
+        plain(), lcnn()  # optimizer state exists before measuring
+        base, cand = peak_allocated(plain), peak_allocated(lcnn)
+        case = "resnet18 b128@32 training step" + (", + gradient-norm penalty" if lambda_grad else "")
+        rows.append(Row("peak memory", case, cand / base, "≤ 1.30×", f"{base / 2**20:.0f} MiB", f"{cand / 2**20:.0f} MiB"))
+        print(rows[-1], file=sys.stderr)
+    return rows
+
+
+def bench_curvature(reps: int) -> list[Row]:
+    model = lc.convert(random_model("resnet18", 32, num_classes=10), torch.randn(8, 3, 32, 32), beta=BETA).eval()
+    generator = torch.Generator().manual_seed(3)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 3, 32, 32, generator=generator), torch.randint(0, 10, (32,), generator=generator))
+    reference = lambda: estimate_curvature(model, data, iterations=10, tolerance=None)  # noqa: E731
+    fast = lambda: estimate_curvature(model, data)  # noqa: E731
+    slow_estimate, fast_estimate = reference(), fast()
+    base, cand = alternate(reference, fast, max(reps // 4, 5), warmup=1)
+    speedup = median_ratio(base, cand)
+    agreement = abs(fast_estimate.mean - slow_estimate.mean) / slow_estimate.mean
+    detail = f"mean curvature {fast_estimate.mean:.4g} vs {slow_estimate.mean:.4g} ({agreement:.1%} apart)"
+    row = Row("curvature estimator", "resnet18 LCNN, 32 images @32, speed-up over 10-step power iteration",
+              speedup, "≥ 2.00×", ms(base), ms(cand), detail)  # fmt: skip
+    print(row, file=sys.stderr)
+    return [row]
+
+
+def bench_convert(reps: int) -> list[Row]:
+    rows = []
+    for name in ("resnet50", "efficientnet_b0"):
+        model = random_model(name, 224)
+        image = torch.randn(1, 3, 224, 224)
+        example = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            forward, _ = alternate(lambda: model(image), lambda: None, reps)
+        started = time.perf_counter()
+        lc.convert(model, example, beta="auto")
+        seconds = time.perf_counter() - started
+        rows.append(Row("convert()", f"{name}, β calibrated on 8 images @224", seconds / statistics.median(forward),
+                        "≤ 20×", f"forward b1 {ms(forward)}", f"convert {seconds:.2f} s"))  # fmt: skip
+        print(rows[-1], file=sys.stderr)
+    return rows
+
+
+BENCHMARKS: dict[str, Callable[[int], list[Row]]] = {
+    "onnx": bench_onnx,
+    "finetune": bench_finetune,
+    "memory": bench_memory,
+    "curvature": bench_curvature,
+    "convert": bench_convert,
+}
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = [
+        "| what | case | ratio | goal | met | original / reference | converted / candidate | notes |",
+        "|---|---|---:|---|---|---:|---:|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.group} | {row.case} | {row.ratio:.2f}× | {row.goal} | {row.met()} | {row.baseline} | "
+            f"{row.candidate} | {row.detail} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    import onnxruntime
+
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"onnxruntime {onnxruntime.__version__} ({THREADS} intra-op threads), Python {platform.python_version()}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=GROUPS, default=list(GROUPS))
+    parser.add_argument("--reps", type=int, default=20, help="timed repetitions per figure (>= 20)")
+    parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"), help="markdown file, or - for stdout")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    rows = [row for group in args.only for row in BENCHMARKS[group](args.reps)]
+    table = markdown(rows)
+    if args.output == "-":
+        print(table)
+        return 0
+    text = (
+        "# Benchmarks\n\nWritten by `python benchmarks/performance.py` "
+        f"({time.strftime('%Y-%m-%d')}; {machine()}).\n\n"
+        "Each ratio is converted ÷ original (or reference ÷ candidate for the curvature speed-up), timed "
+        f"alternately in one process, the median of per-repetition ratios over {args.reps} repetitions "
+        "after warm-up. Random weights, BatchNorm statistics estimated on random images, β = 10 where "
+        "fixed.\n\n" + table
+    )
+    Path(args.output).write_text(text)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
