@@ -233,7 +233,7 @@ def _reading(loader: DataLoader, epoch: int):
         yield batch
 
 
-def _cross_entropy_and_grad_penalty(model: nn.Module, images, labels, lambda_grad: float):
+def cross_entropy_and_grad_penalty(model: nn.Module, images, labels, lambda_grad: float):
     if lambda_grad == 0:
         return F.cross_entropy(model(images), labels), images.new_zeros(())
     images = images.detach().requires_grad_(True)
@@ -329,7 +329,7 @@ def finetune(
                     break
                 images, labels = images.to(device), labels.to(device)
                 with torch.autocast(device_type=device.type, enabled=use_amp):
-                    cross_entropy, grad_penalty = _cross_entropy_and_grad_penalty(
+                    cross_entropy, grad_penalty = cross_entropy_and_grad_penalty(
                         trained, images, labels, config.lambda_grad
                     )
                 beta_sum, gamma_sum = regularisers(model)
