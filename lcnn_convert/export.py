@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import LcnnError, first_line
+from .layers.inference import freeze_for_inference
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "input"
@@ -115,12 +116,16 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = True,
     external_data: bool | None = None,
+    frozen: bool = True,
 ) -> Path:
     """Export ``model`` in eval mode on the CPU to ``path`` and check it.
 
     Uses the TorchScript-based exporter (fast, and it folds eval-time constants such as W/sigma),
     falling back to the torch.export-based one (opset >= 18) for graphs the first cannot trace.
-    The file passes onnx.checker and uses only default-domain ops. Models with more than ~1.8 GB of
+    The file passes onnx.checker and uses only default-domain ops. With ``frozen`` (the default)
+    every centered softplus is exported in its inference form, beta a constant
+    (``layers.inference``): the learnable form costs ~1.5x the original's latency in
+    onnxruntime, see docs/benchmarks.md. Models with more than ~1.8 GB of
     weights (``external_data=None``), or any model with ``external_data=True``, keep their tensors
     in ``path`` + ".data" beside the graph; onnxruntime and onnx.load find it by the graph's path.
 
@@ -131,6 +136,8 @@ def export_onnx(
         raise LcnnError(f"opset must be >= {DEFAULT_OPSET}, got {opset}")
     path = Path(path)
     model = copy.deepcopy(model).cpu().eval()
+    if frozen:
+        model = freeze_for_inference(model)
     external = needs_external_data(model) if external_data is None else external_data
     example_input = example_input.detach().cpu()
     data_path = external_data_path(path)

@@ -120,17 +120,22 @@ class _OperatorNormalized(nn.Module):
     def _operator(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _power_step(self, vector: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A^T A v / ||A^T A v||, ||A v||) for a unit vector v."""
+    def _image_and_gram(self, vector: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A v, A^T A v), A^T from autograd."""
         with torch.enable_grad():
             vector = vector.detach().requires_grad_(True)
             image = self._operator(vector, weight)
             (gram,) = torch.autograd.grad(image, vector, image)
+        return image.detach(), gram
+
+    def _power_step(self, vector: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A^T A v / ||A^T A v||, ||A v||) for a unit vector v."""
+        image, gram = self._image_and_gram(vector, weight)
         norm = gram.norm()
         # An all-zero weight (a zero-initialised head) maps every vector to 0: keep the old vector
         # rather than a zero one, from which the iteration could never recover once the weight grows.
         next_vector = torch.where(norm > 0, gram / norm.clamp_min(1e-30), vector.detach())
-        return next_vector, image.detach().norm()
+        return next_vector, image.norm()
 
     def _start_vector(self, shape: Sequence[int]) -> torch.Tensor:
         vector = self._power_vector
@@ -139,13 +144,6 @@ class _OperatorNormalized(nn.Module):
             vector = torch.randn((1, *shape), generator=generator).to(self.weight)
             vector = vector / vector.norm()
         return vector
-
-    def _gram(self, vector: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        with torch.enable_grad():
-            vector = vector.detach().requires_grad_(True)
-            image = self._operator(vector, weight)
-            (gram,) = torch.autograd.grad(image, vector, image)
-        return gram
 
     def _matrix_norm(self, weight: torch.Tensor) -> tuple[float, torch.Tensor] | None:
         """(exact norm, top right singular vector) when the operator is a plain matrix."""
@@ -171,7 +169,7 @@ class _OperatorNormalized(nn.Module):
             self._power_vector = vector.to(stored_dtype)
             return estimate
         start = self._start_vector(self.input_shape.tolist()).to(weight.dtype)
-        estimate, vector = top_singular_value(lambda v: self._gram(v, weight), start, iterations, tolerance)
+        estimate, vector = top_singular_value(lambda v: self._image_and_gram(v, weight)[1], start, iterations, tolerance)
         self._power_vector = vector.to(stored_dtype)
         return estimate
 
