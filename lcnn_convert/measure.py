@@ -212,8 +212,8 @@ def _curvature_of_batch(
     vector = torch.stack(starts).to(x.device)
     vector = vector / _nonzero(_per_example_norm(vector))
     if method == "lanczos":
-        # The input gradient leans towards the top curvature directions: starting there gets
-        # 5 Lanczos steps within ~4% of 10 power steps from a random start (docs/benchmarks.md);
+        # The input gradient leans towards the top curvature directions: starting there takes
+        # 5 Lanczos steps within 4-6% of 10 power steps from a random start (docs/benchmarks.md);
         # a little of the random vector keeps a zero gradient's start non-zero.
         direction = gradient.detach()
         vector = direction / _nonzero(_per_example_norm(direction)) + 1e-3 * vector
@@ -242,8 +242,8 @@ def estimate_curvature(
 
     The Hessian norm takes ``iterations`` Hessian-vector products (reverse over reverse) from a
     seeded random vector, so the result is deterministic: Lanczos by default, or ``method="power"``
-    for plain power iteration (the paper's estimator; 10 power steps ~ 5 Lanczos steps, see
-    docs/benchmarks.md). A model with ReLUs is measured through ``relu_stand_in(model,
+    for plain power iteration (the paper's estimator; 5 Lanczos steps read 4-6% below 10 power
+    steps in half the time, see docs/benchmarks.md). A model with ReLUs is measured through ``relu_stand_in(model,
     relu_beta)``; ``relu_stand_in_beta`` in the result says so.
     """
     if iterations < 1:
