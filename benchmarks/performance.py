@@ -15,14 +15,13 @@ ONNX comparison exports the original through the same exporter from the same wei
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,6 @@ from torch import nn
 
 import lcnn_convert as lc
 from lcnn_convert.finetune import cross_entropy_and_grad_penalty, regularisers
-from lcnn_convert.layers import centered_softplus
 from lcnn_convert.measure import estimate_curvature
 from lcnn_convert.verify import onnx_session
 
@@ -156,28 +154,14 @@ def _training_steps(lambda_grad: float) -> tuple[Callable[[], None], Callable[[]
     return plain, lcnn, original, converted
 
 
-@contextlib.contextmanager
-def formula_derivatives() -> Iterator[None]:
-    """Centered softplus differentiated by autograd through its formula (the form before
-    _CenteredSoftplusFunction), to measure what the hand-written derivatives save."""
-    saved = centered_softplus._records_autograd
-    centered_softplus._records_autograd = lambda x, log_beta: False
-    try:
-        yield
-    finally:
-        centered_softplus._records_autograd = saved
-
-
 def bench_finetune(reps: int) -> list[Row]:
     rows = []
     for lambda_grad, goal in ((0.0, "≤ 1.20×"), (0.1, "≤ 2.00×")):
         plain, lcnn, _, _ = _training_steps(lambda_grad)
         case = "resnet18 b128@32, β/γ terms" + (", + gradient-norm penalty" if lambda_grad else "")
-        for label, context in (("autograd through the formula", formula_derivatives), ("hand-written derivatives", contextlib.nullcontext)):
-            with context():
-                base, cand = alternate(plain, lcnn, reps)
-            rows.append(Row("fine-tuning step", f"{case}; softplus: {label}", median_ratio(cand, base), goal, ms(base), ms(cand)))
-            print(rows[-1], file=sys.stderr)
+        base, cand = alternate(plain, lcnn, reps)
+        rows.append(Row("fine-tuning step", case, median_ratio(cand, base), goal, ms(base), ms(cand)))
+        print(rows[-1], file=sys.stderr)
     return rows
 
 

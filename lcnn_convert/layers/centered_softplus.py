@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 LOG2 = math.log(2.0)
@@ -37,6 +38,29 @@ def _centered_softplus(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return 0.5 * (x + magnitude) + (torch.log1p(torch.exp(-beta * magnitude)) - LOG2) / beta
 
 
+# Above beta * x = 20, softplus(beta x) / beta equals x to within exp(-20) / beta.
+FUSED_THRESHOLD = 20.0
+
+
+def _fused_centered_softplus(x: torch.Tensor, beta: float) -> torch.Tensor:
+    """The same values from torch's fused softplus kernel: two passes over x instead of nine."""
+    return F.softplus(x, beta=beta, threshold=FUSED_THRESHOLD) - LOG2 / beta
+
+
+def _can_fuse(x: torch.Tensor, log_beta: torch.Tensor) -> bool:
+    """Eager CPU tensors only: reading beta as a number syncs a GPU stream, and functorch's
+    wrapped tensors (vmap, grad) and tracers cannot be read as numbers at all. Not float64,
+    whose precision the exp(-20) cut-off would spoil."""
+    if x.device.type != "cpu" or x.dtype == torch.float64 or isinstance(x, torch.fx.Proxy):
+        return False
+    if torch.jit.is_tracing():
+        return False
+    if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return False
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return not (wrapped(x) or wrapped(log_beta))
+
+
 class _CenteredSoftplusFunction(torch.autograd.Function):
     """The same values with hand-written derivatives, used whenever autograd records.
 
@@ -52,6 +76,8 @@ class _CenteredSoftplusFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, log_beta: torch.Tensor) -> torch.Tensor:
+        if _can_fuse(x, log_beta):
+            return _fused_centered_softplus(x, float(log_beta.exp()))
         return _centered_softplus(x, log_beta.exp().to(x.dtype))
 
     @staticmethod
@@ -126,6 +152,8 @@ class CenteredSoftplus(nn.Module):
         log_beta = self.log_beta.clamp(LOG_CLAMP_MIN, LOG_CLAMP_MAX)
         if _records_autograd(x, log_beta):
             y = _CenteredSoftplusFunction.apply(x, log_beta)
+        elif _can_fuse(x, log_beta):
+            y = _fused_centered_softplus(x, float(log_beta.exp()))
         else:
             y = _centered_softplus(x, log_beta.exp().to(x.dtype))
         if self.shift:
