@@ -44,7 +44,7 @@ FUSED_THRESHOLD = 20.0
 
 def _fused_centered_softplus(x: torch.Tensor, beta: float) -> torch.Tensor:
     """The same values from torch's fused softplus kernel: two passes over x instead of nine."""
-    return F.softplus(x, beta=beta, threshold=FUSED_THRESHOLD) - LOG2 / beta
+    return F.softplus(x, beta=beta, threshold=FUSED_THRESHOLD).sub_(LOG2 / beta)
 
 
 def _can_fuse(x: torch.Tensor, log_beta: torch.Tensor) -> bool:

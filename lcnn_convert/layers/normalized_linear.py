@@ -99,6 +99,31 @@ def top_singular_value(
     return math.sqrt(top), top_vector.view(shape)
 
 
+class _DivideBySigma(torch.autograd.Function):
+    """y / sigma for a scalar sigma, keeping the quotient for backward instead of y.
+
+    A layer whose forward computed op(x, W / sigma) kept a normalized copy of its whole weight
+    alive until backward (45 MB for a ResNet-18). op(x, W) / sigma = op(x, W / sigma) for a linear
+    op, and the quotient is what the next layer keeps anyway, so this keeps nothing of its own.
+    """
+
+    @staticmethod
+    def forward(y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return y / sigma
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
+        ctx.save_for_backward(inputs[1], output)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma, quotient = ctx.saved_tensors
+        # d(y / sigma) / d sigma = -y / sigma^2 = -quotient / sigma
+        # summed in float32: a float16 sum over a batch can overflow where each term does not
+        grad_sigma = -(grad * quotient).sum(dtype=torch.float32).to(sigma.dtype).reshape(sigma.shape) / sigma
+        return grad / sigma, grad_sigma
+
+
 class _OperatorNormalized(nn.Module):
     """Shared machinery: weight / sigma(weight), optionally times an explicit slope ``scale``.
 
@@ -192,6 +217,13 @@ class _OperatorNormalized(nn.Module):
             sigma = self.sigma
         return self.weight / sigma.clamp_min(MIN_SIGMA)
 
+    def _normalized_operator(self, x: torch.Tensor, input_shape: Sequence[int] | None = None) -> torch.Tensor:
+        """A(x) with the normalized weight; in training the division follows the operator."""
+        if self.training and torch.is_grad_enabled():
+            sigma = self._training_sigma(input_shape or self.input_shape.tolist()).clamp_min(MIN_SIGMA)
+            return _DivideBySigma.apply(self._operator(x, self.weight), sigma.to(x.dtype))
+        return self._operator(x, self.normalized_weight())
+
     def lipschitz_constant(self) -> float:
         return abs(float(self.scale.detach())) if self.scale is not None else 1.0
 
@@ -271,7 +303,7 @@ class NormalizedConv(_OperatorNormalized):
         return conv(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._operator(x, self.normalized_weight(x.shape[1:]))
+        y = self._normalized_operator(x, x.shape[1:])
         if self.scale is not None:
             y = y * self.scale
         return y + self.bias.view(-1, *([1] * self.dims)) if self.bias is not None else y
@@ -310,7 +342,7 @@ class NormalizedLinear(_OperatorNormalized):
         return F.linear(x, weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.normalized_weight())
+        y = self._normalized_operator(x)
         if self.scale is not None:
             y = y * self.scale
         return y + self.bias if self.bias is not None else y
