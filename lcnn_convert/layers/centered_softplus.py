@@ -69,7 +69,10 @@ class _CenteredSoftplusFunction(torch.autograd.Function):
     forms 1 / beta^2, which overflows float16 for beta < 3.9e-3. The derivatives below are
     sigmoid(beta x) for x and x sigmoid(beta x) - s for log beta: finite, and themselves
     differentiable, so double backward (curvature, gradient-norm penalty) sees the true curvature.
-    Saving only x and the output also keeps less memory than the formula's intermediates.
+
+    Both come from the output alone: the layer that reads the output keeps it anyway, whereas
+    keeping x (the BatchNorm's output, which a ReLU would have overwritten in place) held one more
+    activation-sized tensor per site until backward.
     """
 
     generate_vmap_rule = True  # torch.func transforms (jacrev, jacfwd, vmap) work through it
@@ -82,35 +85,69 @@ class _CenteredSoftplusFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
-        x, log_beta = inputs
-        ctx.save_for_backward(x, log_beta, output)
-        ctx.save_for_forward(x, log_beta, output)
+        ctx.save_for_backward(inputs[1], output)
+        ctx.save_for_forward(inputs[1], output)
 
     @staticmethod
-    def _derivatives(ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(slope in x, x itself, output) from the saved tensors."""
-        x, log_beta, output = ctx.saved_tensors
-        return torch.sigmoid(log_beta.exp().to(x.dtype) * x), x, output
+    def _derivatives(ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d output / dx, d output / d log beta) from the output y.
+
+        With u = beta x: softplus(u) = beta y + log 2, sigmoid(u) = 1 - exp(-softplus(u)) and
+        u = softplus(u) + log(sigmoid(u)), so x sigmoid(u) - y = (log 2 - softplus(u) exp(-softplus(u))
+        + sigmoid(u) log(sigmoid(u))) / beta; xlogy is 0 where sigmoid(u) underflows to 0.
+        """
+        log_beta, output = ctx.saved_tensors
+        low_precision = output.dtype in (torch.float16, torch.bfloat16)
+        y = output.float() if low_precision else output
+        beta = log_beta.exp().to(y.dtype)
+        soft = (beta * y + LOG2).clamp_min(0.0)
+        decay = torch.exp(-soft)
+        slope = 1.0 - decay
+        beta_slope = (LOG2 - soft * decay + torch.xlogy(slope, slope)) / beta
+        if low_precision:
+            return slope.to(output.dtype), beta_slope
+        return slope, beta_slope
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        slope, x, output = _CenteredSoftplusFunction._derivatives(ctx)
+        if not torch.is_grad_enabled() and grad.dtype == ctx.saved_tensors[1].dtype == torch.float32:
+            return _CenteredSoftplusFunction._backward_in_place(ctx, grad)
+        slope, beta_slope = _CenteredSoftplusFunction._derivatives(ctx)
         grad_x = grad * slope if ctx.needs_input_grad[0] else None
         grad_log_beta = None
         if ctx.needs_input_grad[1]:
-            log_beta = ctx.saved_tensors[1]
+            log_beta = ctx.saved_tensors[0]
             # summed in float32: one float16 term is finite, a sum over a batch of them may not be
-            grad_log_beta = (grad * (x * slope - output)).float().sum().to(log_beta.dtype)
+            grad_log_beta = (grad.float() * beta_slope).sum().to(log_beta.dtype)
+        return grad_x, grad_log_beta
+
+    @staticmethod
+    def _backward_in_place(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The same values with three activation-sized temporaries instead of six: a plain
+        backward (no graph of its own) at the first layers of a large batch peaks here."""
+        log_beta, output = ctx.saved_tensors
+        beta = float(log_beta.exp())
+        soft = output.mul(beta).add_(LOG2).clamp_min_(0.0)
+        slope = soft.neg().exp_().neg_().add_(1.0)
+        grad_x = grad * slope if ctx.needs_input_grad[0] else None
+        grad_log_beta = None
+        if ctx.needs_input_grad[1]:
+            # beta (x slope - y) = log 2 - soft (1 - slope) + slope log(slope)
+            term = torch.xlogy(slope, slope)
+            soft.mul_(slope.neg_().add_(1.0))
+            term.sub_(soft).add_(LOG2)
+            grad_log_beta = (torch.dot(grad.reshape(-1), term.view(-1)) / beta).to(log_beta.dtype)
         return grad_x, grad_log_beta
 
     @staticmethod
     def jvp(ctx, x_tangent: torch.Tensor | None, log_beta_tangent: torch.Tensor | None) -> torch.Tensor:
-        slope, x, output = _CenteredSoftplusFunction._derivatives(ctx)
+        slope, beta_slope = _CenteredSoftplusFunction._derivatives(ctx)
+        output = ctx.saved_tensors[1]
         tangent = torch.zeros_like(output)
         if x_tangent is not None:
             tangent = tangent + x_tangent * slope
         if log_beta_tangent is not None:
-            tangent = tangent + log_beta_tangent.to(x.dtype) * (x * slope - output)
+            tangent = tangent + (log_beta_tangent.float() * beta_slope).to(output.dtype)
         return tangent
 
 
