@@ -89,12 +89,13 @@ class _CenteredSoftplusFunction(torch.autograd.Function):
         ctx.save_for_forward(inputs[1], output)
 
     @staticmethod
-    def _derivatives(ctx) -> tuple[torch.Tensor, torch.Tensor]:
-        """(d output / dx, d output / d log beta) from the output y.
+    def _derivatives(ctx, with_beta: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(d output / dx, d output / d log beta or None) from the output y.
 
         With u = beta x: softplus(u) = beta y + log 2, sigmoid(u) = 1 - exp(-softplus(u)) and
         u = softplus(u) + log(sigmoid(u)), so x sigmoid(u) - y = (log 2 - softplus(u) exp(-softplus(u))
-        + sigmoid(u) log(sigmoid(u))) / beta; xlogy is 0 where sigmoid(u) underflows to 0.
+        + sigmoid(u) log(sigmoid(u))) / beta. The log's clamp gives the limit 0 where sigmoid(u)
+        underflows to 0 (torch.xlogy would too, with a kernel several times slower than log).
         """
         log_beta, output = ctx.saved_tensors
         low_precision = output.dtype in (torch.float16, torch.bfloat16)
@@ -103,19 +104,20 @@ class _CenteredSoftplusFunction(torch.autograd.Function):
         soft = (beta * y + LOG2).clamp_min(0.0)
         decay = torch.exp(-soft)
         slope = 1.0 - decay
-        beta_slope = (LOG2 - soft * decay + torch.xlogy(slope, slope)) / beta
-        if low_precision:
-            return slope.to(output.dtype), beta_slope
-        return slope, beta_slope
+        beta_slope = None
+        if with_beta:
+            beta_slope = (LOG2 - soft * decay + slope * slope.clamp_min(1e-30).log()) / beta
+        return (slope.to(output.dtype) if low_precision else slope), beta_slope
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not torch.is_grad_enabled() and grad.dtype == ctx.saved_tensors[1].dtype == torch.float32:
             return _CenteredSoftplusFunction._backward_in_place(ctx, grad)
-        slope, beta_slope = _CenteredSoftplusFunction._derivatives(ctx)
+        wants_beta = ctx.needs_input_grad[1] and engine_needs(ctx, 1)
+        slope, beta_slope = _CenteredSoftplusFunction._derivatives(ctx, with_beta=wants_beta)
         grad_x = grad * slope if ctx.needs_input_grad[0] else None
         grad_log_beta = None
-        if ctx.needs_input_grad[1]:
+        if wants_beta:
             log_beta = ctx.saved_tensors[0]
             # summed in float32: one float16 term is finite, a sum over a batch of them may not be
             grad_log_beta = (grad.float() * beta_slope).sum().to(log_beta.dtype)
@@ -132,8 +134,8 @@ class _CenteredSoftplusFunction(torch.autograd.Function):
         grad_x = grad * slope if ctx.needs_input_grad[0] else None
         grad_log_beta = None
         if ctx.needs_input_grad[1]:
-            # beta (x slope - y) = log 2 - soft (1 - slope) + slope log(slope)
-            term = torch.xlogy(slope, slope)
+            # beta (x slope - y) = log 2 - soft (1 - slope) + slope log(slope), as in _derivatives
+            term = slope.clamp_min(1e-30).log_().mul_(slope)
             soft.mul_(slope.neg_().add_(1.0))
             term.sub_(soft).add_(LOG2)
             grad_log_beta = (torch.dot(grad.reshape(-1), term.view(-1)) / beta).to(log_beta.dtype)
@@ -141,7 +143,7 @@ class _CenteredSoftplusFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, x_tangent: torch.Tensor | None, log_beta_tangent: torch.Tensor | None) -> torch.Tensor:
-        slope, beta_slope = _CenteredSoftplusFunction._derivatives(ctx)
+        slope, beta_slope = _CenteredSoftplusFunction._derivatives(ctx, with_beta=log_beta_tangent is not None)
         output = ctx.saved_tensors[1]
         tangent = torch.zeros_like(output)
         if x_tangent is not None:
@@ -149,6 +151,20 @@ class _CenteredSoftplusFunction(torch.autograd.Function):
         if log_beta_tangent is not None:
             tangent = tangent + (log_beta_tangent.float() * beta_slope).to(output.dtype)
         return tangent
+
+
+def engine_needs(ctx, index: int) -> bool:
+    """Whether this backward pass reaches input ``index``'s gradient (in an autograd.Function's
+    backward). torch.autograd.grad(loss, images, create_graph=True) (the gradient-norm penalty)
+    asks only for the input's gradient: building a parameter's there would only add nodes to a
+    graph nobody differentiates."""
+    node = ctx.next_functions[index][0]
+    if node is None:
+        return False
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except (AttributeError, RuntimeError):  # private API: assume needed where it is not there
+        return True
 
 
 def _records_autograd(x: torch.Tensor, log_beta: torch.Tensor) -> bool:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .centered_softplus import engine_needs
+
 CONVERSION_ITERATIONS = 64
 # Relative change of the top Ritz value (sigma^2) at which Lanczos stops.
 CONVERSION_TOLERANCE = 1e-6
@@ -116,11 +118,13 @@ class _DivideBySigma(torch.autograd.Function):
         ctx.save_for_backward(inputs[1], output)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         sigma, quotient = ctx.saved_tensors
-        # d(y / sigma) / d sigma = -y / sigma^2 = -quotient / sigma
-        # summed in float32: a float16 sum over a batch can overflow where each term does not
-        grad_sigma = -(grad * quotient).sum(dtype=torch.float32).to(sigma.dtype).reshape(sigma.shape) / sigma
+        grad_sigma = None
+        if ctx.needs_input_grad[1] and engine_needs(ctx, 1):
+            # d(y / sigma) / d sigma = -y / sigma^2 = -quotient / sigma, summed in float32: a
+            # float16 sum over a batch can overflow where each term does not
+            grad_sigma = -(grad * quotient).sum(dtype=torch.float32).to(sigma.dtype).reshape(sigma.shape) / sigma
         return grad / sigma, grad_sigma
 
 
