@@ -101,6 +101,20 @@ def test_auto_beta_keeps_top1_with_the_smoothest_sharpness(trained_digits_net, d
     assert smoother < 0.99
 
 
+def test_auto_beta_search_takes_a_few_forward_passes(trained_digits_net, digits, monkeypatch):
+    """The secant search on the margin replaces a 16-step bisection: count the model's passes."""
+    from lcnn_convert.conversion import calibrate
+
+    passes = []
+    original = calibrate.first_tensor
+    monkeypatch.setattr(calibrate, "first_tensor", lambda output: passes.append(1) or original(output))
+    images, _ = digits
+    converted = lc.convert(trained_digits_net, images[1400:1600])
+    assert converted.conversion_report.beta["top1_agreement"] >= 0.99
+    # the sharp pass, the smooth end, and the search (bisection: 17 passes)
+    assert 3 <= len(passes) <= 7, len(passes)
+
+
 def test_fixed_beta_and_default_beta_without_inputs(trained_digits_net):
     fixed = lc.convert(trained_digits_net, torch.randn(4, 1, 8, 8), beta=7.0)
     assert {round(m.beta.item(), 4) for m in fixed.modules() if isinstance(m, CenteredSoftplus)} == {7.0}

@@ -220,3 +220,114 @@ def test_a_zero_initialised_layer_normalizes_to_finite_values_and_recovers_in_tr
     assert all(math.isfinite(value) for value in losses) and losses[-1] < 0.5 * losses[0]
     assert layer.weight.abs().max() > 0  # it left zero ...
     assert abs(float(torch.linalg.matrix_norm(weight.detach(), ord=2)) - 1) < 0.05  # ... and is normalized
+
+
+# --- the fast paths (fused forward, derivatives from the output, output-side 1/sigma) ---------
+
+
+@pytest.mark.parametrize("beta", [1e-3, 0.3, 10.0, 1e4])
+def test_fused_cpu_forward_matches_the_stable_formula(beta):
+    from lcnn_convert.layers.centered_softplus import _centered_softplus, _fused_centered_softplus
+
+    x = torch.cat([torch.linspace(-50, 50, 20001), torch.randn(2000) * 1e-3])
+    reference = reference_softplus(x, beta)
+    fused = _fused_centered_softplus(x, beta)
+    formula = _centered_softplus(x, torch.tensor(beta))
+    # within float32 rounding of the largest term (log(2)/beta is subtracted last)
+    scale = reference.abs().max().item() + math.log(2.0) / beta
+    assert (fused.double() - reference).abs().max() <= 2e-7 * scale + 1e-6
+    assert (formula.double() - reference).abs().max() <= 2e-7 * scale + 1e-6
+    layer = CenteredSoftplus(beta)
+    with torch.no_grad():  # eval and no-grad use it, with the stored beta
+        torch.testing.assert_close(layer(x), _fused_centered_softplus(x, float(layer.beta)), rtol=0, atol=0)
+    # float64 keeps the formula: the exp(-20) cut-off would spoil its precision
+    x64, layer64 = x.double(), CenteredSoftplus(beta).double()
+    beta64 = float(layer64.beta.detach())
+    reference64 = (torch.logaddexp(beta64 * x64, torch.zeros(())) - math.log(2.0)) / beta64  # no cut-off
+    torch.testing.assert_close(layer64(x64), reference64, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("log_beta", [-3.0, 0.0, 2.3, 6.0])
+def test_derivatives_from_the_output_pass_gradcheck_in_both_modes(log_beta):
+    from lcnn_convert.layers.centered_softplus import _CenteredSoftplusFunction
+
+    x = (torch.randn(30, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 3).requires_grad_(True)
+    beta = torch.tensor(log_beta, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_CenteredSoftplusFunction.apply, (x, beta))
+    assert torch.autograd.gradcheck(
+        _CenteredSoftplusFunction.apply, (x, beta), check_forward_ad=True, check_backward_ad=False,
+        check_undefined_grad=False, check_batched_grad=False,
+    )  # fmt: skip
+    assert torch.autograd.gradgradcheck(_CenteredSoftplusFunction.apply, (x, beta))
+
+
+@pytest.mark.parametrize("beta", [1e-3, 1.0, 10.0, 1e4])
+def test_in_place_backward_equals_the_differentiable_one(beta):
+    from lcnn_convert.layers.centered_softplus import _CenteredSoftplusFunction
+
+    x = torch.cat([torch.linspace(-50, 50, 10001), torch.randn(1000) * 1e-3]).requires_grad_(True)
+    log_beta = torch.tensor(math.log(beta), requires_grad=True)
+    y = _CenteredSoftplusFunction.apply(x, log_beta)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    plain = torch.autograd.grad(y, (x, log_beta), grad, retain_graph=True)  # no graph: the in-place path
+    graphed = torch.autograd.grad(y, (x, log_beta), grad, create_graph=True)
+    torch.testing.assert_close(plain[0], graphed[0], rtol=0, atol=0)
+    torch.testing.assert_close(plain[1], graphed[1].detach(), rtol=1e-3, atol=1e-6)  # float32 sums of 1e4 terms
+    # and both match float64 autograd through the definition
+    x64 = x.detach().double().requires_grad_(True)
+    beta64 = log_beta.detach().double().requires_grad_(True)
+    ((F.softplus(beta64.exp() * x64) - math.log(2.0)) / beta64.exp()).backward(grad.double())
+    torch.testing.assert_close(plain[0].double(), x64.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(plain[1].double(), beta64.grad, rtol=1e-3, atol=1e-6)
+
+
+def test_input_gradient_pass_skips_log_beta_and_the_penalty_gradient_is_exact():
+    """The gradient-norm penalty's first pass asks for the input gradient only; log beta's
+    gradient of the penalty, through the second pass, must still be exact (finite differences)."""
+    x0 = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    weights = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+
+    def objective(log_beta: float) -> tuple[float, float]:
+        layer = CenteredSoftplus(1.0).double()
+        layer.log_beta.data.fill_(log_beta)
+        x = x0.clone().requires_grad_(True)
+        loss = (layer(x) * weights).sum() ** 2
+        (input_gradient,) = torch.autograd.grad(loss, x, create_graph=True)
+        assert layer.log_beta.grad is None
+        total = input_gradient.square().sum() + loss
+        total.backward()
+        return float(total.detach()), float(layer.log_beta.grad)
+
+    _, analytic = objective(0.3)
+    step = 1e-6
+    numeric = (objective(0.3 + step)[0] - objective(0.3 - step)[0]) / (2 * step)
+    assert analytic == pytest.approx(numeric, rel=1e-6)
+
+
+def test_output_side_division_by_sigma_matches_the_normalized_weight():
+    from lcnn_convert.layers.normalized_linear import _DivideBySigma
+
+    y = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    sigma = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_DivideBySigma.apply, (y, sigma))
+    assert torch.autograd.gradgradcheck(_DivideBySigma.apply, (y, sigma))
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, stride=2)
+    layer, _ = NormalizedConv.from_conv(conv, (3, 9, 9), explicit_scale=False)
+    layer.train()
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    output = layer(x)
+    output.square().sum().backward()
+    # the same step written with the normalized weight, from the same power-iteration state
+    reference = NormalizedConv(conv, (3, 9, 9), explicit_scale=False).train()
+    reference.load_state_dict(layer.state_dict())
+    reference._power_vector = layer._power_vector.clone()
+    weight = reference.weight
+    sigma = reference._operator(reference._power_vector, weight).square().sum().sqrt()
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected = F.conv2d(x_ref, weight / sigma, reference.bias, stride=2, padding=1)
+    expected.square().sum().backward()
+    torch.testing.assert_close(output, expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.weight.grad, weight.grad, rtol=1e-4, atol=1e-6)

@@ -120,7 +120,7 @@ class _CenteredSoftplusFunction(torch.autograd.Function):
         if wants_beta:
             log_beta = ctx.saved_tensors[0]
             # summed in float32: one float16 term is finite, a sum over a batch of them may not be
-            grad_log_beta = (grad.float() * beta_slope).sum().to(log_beta.dtype)
+            grad_log_beta = (grad.to(beta_slope.dtype) * beta_slope).sum().to(log_beta.dtype)
         return grad_x, grad_log_beta
 
     @staticmethod
@@ -149,7 +149,7 @@ class _CenteredSoftplusFunction(torch.autograd.Function):
         if x_tangent is not None:
             tangent = tangent + x_tangent * slope
         if log_beta_tangent is not None:
-            tangent = tangent + (log_beta_tangent.float() * beta_slope).to(output.dtype)
+            tangent = tangent + (log_beta_tangent.to(beta_slope.dtype) * beta_slope).to(output.dtype)
         return tangent
 
 

@@ -23,7 +23,8 @@ from .centered_softplus import engine_needs
 
 CONVERSION_ITERATIONS = 64
 # Relative change of the top Ritz value (sigma^2) at which Lanczos stops.
-CONVERSION_TOLERANCE = 1e-6
+CONVERSION_TOLERANCE = 1e-5
+REORTHOGONALIZE_BELOW = 0.5**0.5
 
 
 # The smallest sigma a layer divides by. Dividing by a smaller one would only make the normalized
@@ -71,20 +72,26 @@ def top_singular_value(
     basis[0] = (start / start.norm()).flatten()
     diagonal: list[float] = []
     off_diagonal: list[float] = []
-    top, top_vector, settled = 0.0, basis[0], 0
+    top, settled, size = 0.0, 0, 1
+    ritz = torch.ones(1, dtype=torch.float64)
     for step in range(iterations):
         image = gram(basis[step].view(shape)).flatten()
         diagonal.append(float(basis[step] @ image))
         stacked = basis[: step + 1]
-        for _ in range(2):  # "twice is enough" (Parlett): orthogonal to working precision
+        # Classical Gram-Schmidt, repeated only when it cancelled most of the vector (Daniel et
+        # al.'s test; "twice is enough"): each pass reads the whole basis, and one usually suffices.
+        for _ in range(2):
+            before = image.norm()
             image = image - stacked.T @ (stacked @ image)
+            if image.norm() > REORTHOGONALIZE_BELOW * before:
+                break
         tridiagonal = torch.diag(torch.tensor(diagonal, dtype=torch.float64))
         if off_diagonal:
             links = torch.tensor(off_diagonal, dtype=torch.float64)
             tridiagonal += torch.diag(links, 1) + torch.diag(links, -1)
         values, vectors = torch.linalg.eigh(tridiagonal)
         previous, top = top, max(float(values[-1]), 0.0)
-        top_vector = stacked.T @ vectors[:, -1].to(stacked.dtype)
+        ritz, size = vectors[:, -1], step + 1
         residual = float(image.norm())
         if residual <= 1e-12 * max(top, 1e-30) or step + 1 == iterations:
             break  # an invariant subspace: the top eigenvalue in it is exact
@@ -93,6 +100,7 @@ def top_singular_value(
             break
         off_diagonal.append(residual)
         basis[step + 1] = image / residual
+    top_vector = basis[:size].T @ ritz.to(basis.dtype)  # once: it reads the whole basis
     norm = top_vector.norm()
     if norm > 0:
         top_vector = top_vector / norm
@@ -124,7 +132,8 @@ class _DivideBySigma(torch.autograd.Function):
         if ctx.needs_input_grad[1] and engine_needs(ctx, 1):
             # d(y / sigma) / d sigma = -y / sigma^2 = -quotient / sigma, summed in float32: a
             # float16 sum over a batch can overflow where each term does not
-            grad_sigma = -(grad * quotient).sum(dtype=torch.float32).to(sigma.dtype).reshape(sigma.shape) / sigma
+            total = (grad * quotient).sum(dtype=torch.promote_types(grad.dtype, torch.float32))
+            grad_sigma = -total.to(sigma.dtype).reshape(sigma.shape) / sigma
         return grad / sigma, grad_sigma
 
 
