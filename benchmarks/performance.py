@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import gc
+import itertools
 import json
 import os
 import platform
@@ -59,6 +60,8 @@ class Row:
     def met(self) -> str:
         if self.ratio != self.ratio:  # NaN: nothing was measured
             return "not measured"
+        if not self.goal.startswith(("≤", "≥")):
+            return "—"  # shown for context: the issue sets no goal for it
         limit = float(self.goal.lstrip("≤≥ ×").rstrip("×"))
         ok = self.ratio <= limit if self.goal.startswith("≤") else self.ratio >= limit
         return "yes" if ok else "**no**"
@@ -159,12 +162,14 @@ def bench_onnx(reps: int) -> list[Row]:
     return rows
 
 
-def _training_steps(lambda_grad: float) -> tuple[Callable[[], None], Callable[[], None], nn.Module, nn.Module]:
+def _training_steps(
+    lambda_grad: float, batch: int = 128, size: int = 32
+) -> tuple[Callable[[], None], Callable[[], None], nn.Module, nn.Module]:
     """(plain CE step on the original, LCNN step on the converted model): resnet18, batch 128 at 32x32."""
-    original = random_model("resnet18", 32, num_classes=10)
+    original = random_model("resnet18", size, num_classes=10)
     generator = torch.Generator().manual_seed(2)
-    images = torch.randn(128, 3, 32, 32, generator=generator)
-    labels = torch.randint(0, 10, (128,), generator=generator)
+    images = torch.randn(batch, 3, size, size, generator=generator)
+    labels = torch.randint(0, 10, (batch,), generator=generator)
     converted = lc.convert(original, images[:8], beta=BETA)
     original.train()
     converted.train()
@@ -186,11 +191,16 @@ def _training_steps(lambda_grad: float) -> tuple[Callable[[], None], Callable[[]
     return plain, lcnn, original, converted
 
 
+# At 32x32 a ResNet's layer4 sees 1x1 maps, where the LCNN's convs run as 1x1 convs (exact) and
+# the original's padded 3x3 convs take mkldnn's slow path; at 64x64 (2x2 maps) neither does.
+FINETUNE_CASES = [(128, 32), (64, 64)]
+
+
 def bench_finetune(reps: int) -> list[Row]:
     rows = []
-    for lambda_grad, goal in ((0.0, "≤ 1.20×"), (0.1, "≤ 2.00×")):
-        plain, lcnn, _, _ = _training_steps(lambda_grad)
-        case = "resnet18 b128@32, β/γ terms" + (", + gradient-norm penalty" if lambda_grad else "")
+    for (batch, size), (lambda_grad, goal) in itertools.product(FINETUNE_CASES, ((0.0, "≤ 1.20×"), (0.1, "≤ 2.00×"))):
+        plain, lcnn, _, _ = _training_steps(lambda_grad, batch, size)
+        case = f"resnet18 b{batch}@{size}, β/γ terms" + (", + gradient-norm penalty" if lambda_grad else "")
         base, cand = alternate(plain, lcnn, reps)
         rows.append(Row("fine-tuning step", case, median_ratio(cand, base), goal, ms(base), ms(cand)))
         print(rows[-1], file=sys.stderr)
@@ -235,7 +245,8 @@ def bench_memory(reps: int) -> list[Row]:
     for lambda_grad in (0.0, 0.1):
         base, cand = peak_step_memory("plain", lambda_grad), peak_step_memory("lcnn", lambda_grad)
         case = "resnet18 b128@32 training step" + (", + gradient-norm penalty" if lambda_grad else "")
-        rows.append(Row("peak memory", case, cand / base, "≤ 1.30×", f"{base / 2**20:.0f} MiB", f"{cand / 2**20:.0f} MiB",
+        goal = "—" if lambda_grad else "≤ 1.30×"  # the goal is for default fine-tuning (no penalty)
+        rows.append(Row("peak memory", case, cand / base, goal, f"{base / 2**20:.0f} MiB", f"{cand / 2**20:.0f} MiB",
                         "resident size above the pre-step level, one process per figure"))  # fmt: skip
         print(rows[-1], file=sys.stderr)
     return rows

@@ -295,11 +295,31 @@ class NormalizedConv(_OperatorNormalized):
         layer = cls(conv, input_shape, explicit_scale)
         return layer, layer._normalize_from(conv, sigma)
 
+    def _single_tap(self, spatial: Sequence[int]) -> tuple[int, ...] | None:
+        """The kernel tap every output reads, when that is one tap: a one-pixel input (a 3x3 conv
+        at layer4 of a ResNet fed 32x32 images) whose zero padding yields a one-pixel output sees
+        only the tap that lands on the pixel. The conv is then a 1x1 one with that tap's matrix,
+        about ten times faster through double backward on CPU than the padded 3x3."""
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return None
+        taps = []
+        for size, k, stride, pad, dilation in zip(spatial, self.kernel_size, self.stride, self.padding, self.dilation):
+            if size != 1 or (size + 2 * pad - dilation * (k - 1) - 1) // stride != 0 or pad % dilation:
+                return None
+            if pad // dilation >= k:
+                return None
+            taps.append(pad // dilation)
+        return tuple(taps)
+
     def _matrix_norm(self, weight: torch.Tensor) -> tuple[float, torch.Tensor] | None:
         """A 1x1 convolution without padding applies one matrix (per group) at every pixel the
-        stride keeps: its norm is that matrix's, and the top vector sits at pixel 0."""
+        stride keeps: its norm is that matrix's, and the top vector sits at pixel 0. So does any
+        conv whose input and output are one pixel, with the tap it reads."""
         unpadded = self.padding in ("valid", "same") or not any(self.padding)
-        if any(k != 1 for k in self.kernel_size) or not unpadded:
+        taps = self._single_tap(self.input_shape.tolist()[1:])
+        if taps is not None:
+            weight = weight[(..., *(slice(t, t + 1) for t in taps))]
+        elif any(k != 1 for k in self.kernel_size) or not unpadded:
             return None
         matrices = weight.reshape(self.groups, self.out_channels // self.groups, -1)
         norm, group, top = top_singular_pair(matrices)
@@ -310,6 +330,10 @@ class NormalizedConv(_OperatorNormalized):
 
     def _operator(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         conv = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
+        eager = not (isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+        taps = self._single_tap(x.shape[2:]) if eager else None
+        if taps is not None:
+            return conv(x, weight[(..., *(slice(t, t + 1) for t in taps))], None, 1, 0, 1, self.groups)
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return conv(x, weight, None, self.stride, 0, self.dilation, self.groups)
