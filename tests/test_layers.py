@@ -331,3 +331,31 @@ def test_output_side_division_by_sigma_matches_the_normalized_weight():
     torch.testing.assert_close(output, expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.weight.grad, weight.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation, groups", [
+    (3, 1, 1, 1, 1), (3, 2, 1, 1, 2), (5, 1, 2, 1, 1), (5, 1, 4, 2, 1), (3, 1, 2, 2, 2), (1, 1, 0, 1, 1),
+])  # fmt: skip
+def test_a_conv_on_a_one_pixel_input_runs_as_its_single_tap(kernel, stride, padding, dilation, groups):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    layer, sigma = NormalizedConv.from_conv(conv, (4, 1, 1), explicit_scale=True)
+    assert layer._single_tap((1, 1)) is not None
+    x = torch.randn(3, 4, 1, 1, requires_grad=True)
+    torch.testing.assert_close(layer.eval()(x), conv(x), rtol=1e-5, atol=1e-6)
+    # the norm is exact: the dense matrix of the conv at this input size
+    basis = torch.eye(4, dtype=torch.float64).reshape(4, 4, 1, 1)
+    dense = F.conv2d(basis, conv.weight.detach().double(), None, stride, padding, dilation, groups).reshape(4, -1)
+    assert sigma == pytest.approx(torch.linalg.matrix_norm(dense, 2).item(), rel=1e-6)
+    # training: the same output and gradients as the padded conv with the normalized weight
+    layer.train()
+    output = layer(x)
+    (grad_x,) = torch.autograd.grad(output.square().sum(), x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    weight = layer.weight / layer.sigma * layer.scale
+    expected = F.conv2d(x_ref, weight, layer.bias, stride, padding, dilation, groups)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x_ref)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_x, expected_grad, rtol=1e-5, atol=1e-6)
+    # larger inputs take the ordinary path
+    assert layer._single_tap((2, 2)) is None
