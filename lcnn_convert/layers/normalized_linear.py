@@ -330,7 +330,8 @@ class NormalizedConv(_OperatorNormalized):
 
     def _operator(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         conv = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
-        eager = not (isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+        eager = not (isinstance(x, torch.fx.Proxy) or tracing)  # a traced graph keeps the general conv
         taps = self._single_tap(x.shape[2:]) if eager else None
         if taps is not None:
             return conv(x, weight[(..., *(slice(t, t + 1) for t in taps))], None, 1, 0, 1, self.groups)
