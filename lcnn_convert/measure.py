@@ -26,6 +26,7 @@ from .conversion.graph_pass import apply_rules
 from .conversion.module_swap import swap_modules
 from .conversion.rules import DEFAULT_RULES
 from .conversion.tracing import trace
+from .input_hessian import swap_for_input_hessian
 from .models import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
@@ -212,9 +213,9 @@ def _curvature_of_batch(
     vector = torch.stack(starts).to(x.device)
     vector = vector / _nonzero(_per_example_norm(vector))
     if method == "lanczos":
-        # The input gradient leans towards the top curvature directions: starting there takes
-        # 5 Lanczos steps within 4-6% of 10 power steps from a random start (docs/benchmarks.md);
-        # a little of the random vector keeps a zero gradient's start non-zero.
+        # The input gradient leans towards the top curvature directions: starting there, 6 Lanczos
+        # steps read within 5% of 10 power steps from a random start (docs/benchmarks.md); a
+        # little of the random vector keeps a zero gradient's start non-zero.
         direction = gradient.detach()
         vector = direction / _nonzero(_per_example_norm(direction)) + 1e-3 * vector
         vector = vector / _nonzero(_per_example_norm(vector))
@@ -231,19 +232,23 @@ def _curvature_of_batch(
 def estimate_curvature(
     model: nn.Module,
     data: Data,
-    iterations: int = 5,
+    iterations: int = 6,
     max_examples: int = 256,
     batch_size: int = 64,
     relu_beta: float = 1000.0,
     eps: float = 1e-12,
     method: str = "lanczos",
+    input_only_products: bool = True,
 ) -> CurvatureStats:
     """Normalized input curvature of ``model`` on the first ``max_examples`` examples of ``data``.
 
     The Hessian norm takes ``iterations`` Hessian-vector products (reverse over reverse) from a
-    seeded random vector, so the result is deterministic: Lanczos by default, or ``method="power"``
-    for plain power iteration (the paper's estimator; 5 Lanczos steps read 4-6% below 10 power
-    steps in half the time, see docs/benchmarks.md). A model with ReLUs is measured through ``relu_stand_in(model,
+    seeded start, so the result is deterministic: Lanczos by default, or ``method="power"`` for
+    plain power iteration from a random vector (the paper's estimator; 6 Lanczos steps read within
+    5% of 10 power steps, see docs/benchmarks.md). The products run on a measurement copy whose
+    convolutions and BatchNorms are stand-ins without torch's unneeded weight-gradient
+    convolutions (``input_only_products=False`` differentiates the layers as they are; same
+    values up to rounding). A model with ReLUs is measured through ``relu_stand_in(model,
     relu_beta)``; ``relu_stand_in_beta`` in the result says so.
     """
     if iterations < 1:
@@ -251,13 +256,14 @@ def estimate_curvature(
     if method not in HESSIAN_NORM_METHODS:
         raise ValueError(f"method must be one of {', '.join(HESSIAN_NORM_METHODS)}, got {method!r}")
     stand_in, replaced = _relu_stand_in(model, relu_beta)
-    measured = stand_in if replaced else model
-    device, dtype = _device_and_dtype(measured)
+    if input_only_products:
+        swap_for_input_hessian(stand_in)
+    device, dtype = _device_and_dtype(stand_in)
     parts: list[tuple[torch.Tensor, ...]] = []
-    with _eval_mode(measured), torch.enable_grad():
+    with torch.enable_grad():
         first_index = 0
         for images, labels in _batches(data, max_examples, batch_size, device, dtype):
-            batch = _curvature_of_batch(measured, images, labels, first_index, iterations, eps, method)
+            batch = _curvature_of_batch(stand_in, images, labels, first_index, iterations, eps, method)
             parts.append(tuple(values.detach().double().cpu() for values in batch))
             first_index += len(images)
     curvature, hessian_norm, grad_norm = (torch.cat(values).numpy() for values in zip(*parts))

@@ -178,8 +178,8 @@ def test_relu_inside_leaf_norm_act_module_gets_the_stand_in():
     assert sum(isinstance(module, CenteredSoftplus) for module in stand_in.modules()) == 1
 
 
-def test_five_lanczos_steps_measure_what_ten_power_steps_do(digits):
-    """The default estimator (5 Lanczos steps from the gradient) against the reference (10 power
+def test_six_lanczos_steps_measure_what_ten_power_steps_do(digits):
+    """The default estimator (6 Lanczos steps from the gradient) against the reference (10 power
     steps from a random vector) and against both run to convergence, on a converted conv net."""
     images, labels = digits[0][:32], digits[1][:32]
     converted = lc.convert(small_conv_net(), images[:8], beta=20.0)

@@ -109,6 +109,22 @@ def top_singular_value(
     return math.sqrt(top), top_vector.view(shape)
 
 
+def single_tap(
+    spatial: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[int, ...] | None:
+    """The kernel tap every output of a zero-padded conv reads, when that is one tap: a one-pixel
+    input (a 3x3 conv at layer4 of a ResNet fed 32x32 images) whose padding yields a one-pixel
+    output sees only the tap that lands on the pixel. The conv is then a 1x1 one with that tap's
+    matrix, about ten times faster through double backward on CPU than the padded 3x3."""
+    taps = []
+    for size, k, s, pad, d in zip(spatial, kernel_size, stride, padding, dilation):
+        if size != 1 or (size + 2 * pad - d * (k - 1) - 1) // s != 0 or pad % d or pad // d >= k:
+            return None
+        taps.append(pad // d)
+    return tuple(taps)
+
+
 class _DivideBySigma(torch.autograd.Function):
     """y / sigma for a scalar sigma, keeping the quotient for backward instead of y.
 
@@ -296,20 +312,9 @@ class NormalizedConv(_OperatorNormalized):
         return layer, layer._normalize_from(conv, sigma)
 
     def _single_tap(self, spatial: Sequence[int]) -> tuple[int, ...] | None:
-        """The kernel tap every output reads, when that is one tap: a one-pixel input (a 3x3 conv
-        at layer4 of a ResNet fed 32x32 images) whose zero padding yields a one-pixel output sees
-        only the tap that lands on the pixel. The conv is then a 1x1 one with that tap's matrix,
-        about ten times faster through double backward on CPU than the padded 3x3."""
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             return None
-        taps = []
-        for size, k, stride, pad, dilation in zip(spatial, self.kernel_size, self.stride, self.padding, self.dilation):
-            if size != 1 or (size + 2 * pad - dilation * (k - 1) - 1) // stride != 0 or pad % dilation:
-                return None
-            if pad // dilation >= k:
-                return None
-            taps.append(pad // dilation)
-        return tuple(taps)
+        return single_tap(spatial, self.kernel_size, self.stride, self.padding, self.dilation)
 
     def _matrix_norm(self, weight: torch.Tensor) -> tuple[float, torch.Tensor] | None:
         """A 1x1 convolution without padding applies one matrix (per group) at every pixel the

@@ -1,0 +1,168 @@
+"""Stand-ins for convolutions and BatchNorms that make input-Hessian-vector products cheaper.
+
+An input-Hessian-vector product by reverse over reverse differentiates the backward pass. Through
+a convolution that takes two convolutions (the direction forward through the layer, and the
+resulting gradient back), but torch's double backward of a convolution also forms the weight
+gradient, a third convolution, whether anything needs it or not (it does so with frozen weights
+too): a third of a product's time on resnet18. The stand-in conv's backward is a conv_transpose of
+constant weights, whose own backward is the one convolution the product needs. An eval-mode
+BatchNorm is the per-channel affine map it computes, and its stand-in computes it as one.
+
+Values are those of the layers they replace up to rounding; the stand-ins are for eval-mode
+measurement copies only (weights are constants, no parameter gradients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import LipschitzBatchNorm, NormalizedConv
+from .layers.normalized_linear import single_tap
+
+CONVOLUTIONS = (F.conv1d, F.conv2d, F.conv3d)
+TRANSPOSED_CONVOLUTIONS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+
+
+class _ConvolveInputOnly(torch.autograd.Function):
+    """conv(x, weight) with weight a constant; the backward is a differentiable conv_transpose."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, ...], padding: tuple[int, ...],
+                dilation: tuple[int, ...], groups: int) -> torch.Tensor:  # fmt: skip
+        return CONVOLUTIONS[weight.dim() - 3](x, weight, None, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+        x, weight, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(weight)
+        ctx.geometry = (tuple(x.shape[2:]), stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (weight,) = ctx.saved_tensors
+        spatial, stride, padding, dilation, groups = ctx.geometry
+        # A strided conv maps several input sizes to one output size; output_padding picks ours.
+        output_padding = tuple(
+            size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
+            for size, out, s, p, d, k in zip(spatial, grad.shape[2:], stride, padding, dilation, weight.shape[2:])
+        )
+        transpose = TRANSPOSED_CONVOLUTIONS[weight.dim() - 3]
+        grad_input = transpose(grad, weight, None, stride, padding, output_padding, groups, dilation)
+        return grad_input, None, None, None, None, None
+
+
+def _explicit_padding(conv: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(symmetric padding for the conv, extra (left, right, ...) zero padding for F.pad), or None
+    when the padding is not zeros. 'same' splits its total padding with the extra on the right."""
+    dims = conv.weight.dim() - 2
+    if conv.padding_mode != "zeros":
+        return None
+    if conv.padding == "valid":
+        return (0,) * dims, ()
+    if conv.padding != "same":
+        return tuple(conv.padding), ()
+    totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    symmetric = tuple(total // 2 for total in totals)
+    extra = [side for total in reversed(totals) for side in (0, total - 2 * (total // 2))]
+    return symmetric, tuple(extra) if any(extra) else ()
+
+
+class InputGradientConv(nn.Module):
+    """A convolution with constant weights whose double backward forms no weight gradient."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
+                 padding: Sequence[int], dilation: Sequence[int], groups: int,
+                 extra_padding: Sequence[int] = ()) -> None:  # fmt: skip
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        self.groups = groups
+        self.extra_padding = tuple(extra_padding)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module) -> InputGradientConv | None:
+        """The stand-in for an nn.Conv1d/2d/3d or an eval-mode NormalizedConv; None for padding
+        modes other than zeros."""
+        padding = _explicit_padding(conv)
+        if padding is None:
+            return None
+        if isinstance(conv, NormalizedConv):
+            with torch.no_grad():
+                weight = conv.normalized_weight()
+                if conv.scale is not None:
+                    weight = weight * conv.scale
+        else:
+            weight = conv.weight
+        return cls(weight, conv.bias, conv.stride, padding[0], conv.dilation, conv.groups, padding[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.extra_padding:
+            x = F.pad(x, self.extra_padding)
+        weight, stride, padding = self.weight, self.stride, self.padding
+        taps = single_tap(x.shape[2:], weight.shape[2:], stride, padding, self.dilation)
+        if taps is not None:  # as in NormalizedConv: the padded conv reads one tap of a 1-pixel map
+            weight = weight[(..., *(slice(t, t + 1) for t in taps))]
+            stride, padding = (1,) * len(taps), (0,) * len(taps)
+        y = _ConvolveInputOnly.apply(x, weight, stride, padding, self.dilation, self.groups)
+        return y if self.bias is None else y + self.bias.view(-1, *[1] * (y.dim() - 2))
+
+
+class ChannelAffine(nn.Module):
+    """x * scale + shift per channel (dimension 1): an eval-mode BatchNorm."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", shift.detach().clone())
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module) -> ChannelAffine | None:
+        """None for a BatchNorm without running statistics (it normalises by the batch's own)."""
+        if bn.running_mean is None or bn.running_var is None:
+            return None
+        with torch.no_grad():
+            if isinstance(bn, LipschitzBatchNorm):
+                weight = bn.weight * bn.clip_factor()
+            else:
+                weight = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+            bias = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+            scale = weight * torch.rsqrt(bn.running_var + bn.eps)
+            return cls(scale, bias - bn.running_mean * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (-1, *[1] * (x.dim() - 2))
+        return torch.addcmul(self.shift.view(shape), x, self.scale.view(shape))
+
+
+# Exact types: a subclass may change forward (timm's Conv2dSame pads dynamically, StdConv2d
+# standardises its weight), so it keeps its own layer.
+STAND_INS: dict[type, Callable[[nn.Module], nn.Module | None]] = {
+    nn.Conv1d: InputGradientConv.from_conv,
+    nn.Conv2d: InputGradientConv.from_conv,
+    nn.Conv3d: InputGradientConv.from_conv,
+    NormalizedConv: InputGradientConv.from_conv,
+    nn.BatchNorm1d: ChannelAffine.from_batchnorm,
+    nn.BatchNorm2d: ChannelAffine.from_batchnorm,
+    nn.BatchNorm3d: ChannelAffine.from_batchnorm,
+    LipschitzBatchNorm: ChannelAffine.from_batchnorm,
+}
+
+
+def swap_for_input_hessian(model: nn.Module, stand_ins: dict[type, Callable] = STAND_INS) -> list[str]:
+    """Replace, in place, every layer of ``model`` (in eval mode) that has a stand-in in
+    ``stand_ins``; return the replaced paths."""
+    if model.training:
+        raise ValueError("input-Hessian stand-ins hold eval-mode values: put the model in eval mode first")
+    swapped = []
+    for path, module in list(model.named_modules()):
+        make = stand_ins.get(type(module))
+        replacement = make(module) if make is not None and path else None
+        if replacement is not None:
+            model.set_submodule(path, replacement.eval())
+            swapped.append(path)
+    return swapped
