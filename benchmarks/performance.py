@@ -3,8 +3,9 @@
     python benchmarks/performance.py                         # all of them, writes docs/benchmarks.md
     python benchmarks/performance.py --only onnx --output -  # one group, print the table
 
-Groups (--only): onnx (onnxruntime latency), finetune (step time), memory (peak allocation of a
-training step), curvature (estimator time and estimate), convert (convert() time).
+Groups (--only): onnx (onnxruntime latency), onnx-forms (what each way of writing the activation
+costs in onnxruntime, at best), finetune (step time), memory (peak allocation of a training step),
+curvature (estimator time and estimate), convert (convert() time).
 
 Every figure is a ratio of two things timed alternately in the same process (A B B A A B ...),
 after warm-up, as the median of the per-repetition ratios over --reps repetitions (>= 20). Models
@@ -15,8 +16,8 @@ ONNX comparison exports the original through the same exporter from the same wei
 from __future__ import annotations
 
 import argparse
-import math
 import gc
+import math
 import itertools
 import json
 import os
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
 BETA = 10.0
 ONNX_CASES = [("resnet18", 1, 224), ("resnet18", 64, 32), ("resnet50", 1, 224), ("efficientnet_b0", 1, 224)]
-GROUPS = ("onnx", "finetune", "memory", "curvature", "convert")
+GROUPS = ("onnx", "onnx-forms", "finetune", "memory", "curvature", "convert")
 
 
 @dataclass
@@ -158,6 +159,67 @@ def bench_onnx(reps: int) -> list[Row]:
                     ms(base), ms(cand),
                     f"parity {'passed' if parity.passed else 'FAILED'}, max abs diff {parity.max_abs_diff:.1e}",
                 ))  # fmt: skip
+                print(rows[-1], file=sys.stderr)
+    return rows
+
+
+# Activation forms spliced into the original's export in place of each (conv-fused) Relu, with
+# beta = 1: no scaling ops, i.e. what each form would cost with beta, 1/beta and, where the name
+# says so, the log 2 shift folded into the neighbouring convolutions. Lower bounds, not exports.
+ACTIVATION_FORMS: dict[str, list[tuple[str, list[str]]]] = {
+    "Relu, then one Add (any single unfused op)": [("Relu", ["x"]), ("Add", ["0", "log2"])],
+    "Softplus op (shift folded)": [("Softplus", ["x"])],
+    "Log(1 + Exp(t)) (shift folded; inf for t > 88)": [("Exp", ["x"]), ("Add", ["0", "one"]), ("Log", ["1"])],
+    "Relu(t) − Log(Sigmoid(|t|)) (shift folded)": [
+        ("Relu", ["x"]), ("Abs", ["x"]), ("Sigmoid", ["1"]), ("Log", ["2"]), ("Sub", ["0", "3"])],
+    "Relu(t) − (Log(Sigmoid(|t|)) + log 2)": [
+        ("Relu", ["x"]), ("Abs", ["x"]), ("Sigmoid", ["1"]), ("Log", ["2"]), ("Add", ["3", "log2"]), ("Sub", ["0", "4"])],
+}  # fmt: skip
+
+
+def splice_activation(model, form: list[tuple[str, list[str]]]):
+    """A copy of an ONNX model with every Relu replaced by ``form``: a list of (op, inputs), where an
+    input is "x" (the Relu's input), the index of an earlier op in the form, or a constant's name."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    spliced = onnx.ModelProto()
+    spliced.CopyFrom(model)
+    graph = spliced.graph
+    constants = {"log2": math.log(2.0), "one": 1.0}
+    graph.initializer.extend(numpy_helper.from_array(np.array(v, dtype=np.float32), k) for k, v in constants.items())
+    nodes = []
+    for index, node in enumerate(graph.node):
+        if node.op_type != "Relu":
+            nodes.append(node)
+            continue
+        names = [f"act{index}_{step}" for step in range(len(form) - 1)] + [node.output[0]]
+        for step, (op, inputs) in enumerate(form):
+            sources = [node.input[0] if i == "x" else names[int(i)] if i.isdigit() else i for i in inputs]
+            nodes.append(helper.make_node(op, sources, [names[step]]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return spliced
+
+
+def bench_onnx_forms(reps: int) -> list[Row]:
+    import onnx
+
+    rows = []
+    for name, batch, size in ONNX_CASES[:2]:
+        model = random_model(name, size)
+        feed = {"input": torch.randn(batch, 3, size, size).numpy()}
+        with tempfile.TemporaryDirectory() as folder:
+            path = lc.export_onnx(model, Path(folder) / "original.onnx", torch.randn(1, 3, size, size))
+            original = quiet_session(path)
+            for form, ops in ACTIVATION_FORMS.items():
+                spliced = Path(folder) / "spliced.onnx"
+                onnx.save(splice_activation(onnx.load(str(path)), ops), str(spliced))
+                candidate = quiet_session(spliced)
+                base, cand = alternate(lambda: original.run(None, feed), lambda: candidate.run(None, feed), reps)
+                rows.append(Row("onnx activation form", f"{name} b{batch}@{size}, {form}", median_ratio(cand, base),
+                                "—", ms(base), ms(cand), "ReLU original with this form in place of each Relu"))  # fmt: skip
                 print(rows[-1], file=sys.stderr)
     return rows
 
@@ -300,6 +362,7 @@ def bench_convert(reps: int) -> list[Row]:
 
 BENCHMARKS: dict[str, Callable[[int], list[Row]]] = {
     "onnx": bench_onnx,
+    "onnx-forms": bench_onnx_forms,
     "finetune": bench_finetune,
     "memory": bench_memory,
     "curvature": bench_curvature,
