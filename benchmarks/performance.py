@@ -334,7 +334,7 @@ def bench_curvature(reps: int) -> list[Row]:
     for name, (options, goal) in CURVATURE_CANDIDATES.items():
         candidate = lambda: estimate_curvature(model, data, **options)  # noqa: E731
         mean = candidate().curvature_mean
-        base, cand = alternate(reference, candidate, max(reps // 4, 5), warmup=1)
+        base, cand = alternate(reference, candidate, reps, warmup=1)
         detail = (f"mean curvature {mean:.4g} vs {reference_mean:.4g} ({(mean - reference_mean) / reference_mean:+.1%}); "
                   f"converged (30 Lanczos steps) {converged_mean:.4g}")  # fmt: skip
         rows.append(Row("curvature estimator", f"resnet18 LCNN, 32 images @32: {name} vs 10 power steps",
@@ -349,13 +349,14 @@ def bench_convert(reps: int) -> list[Row]:
         model = random_model(name, 224)
         image = torch.randn(1, 3, 224, 224)
         example = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(4))
-        with torch.no_grad():
-            forward, _ = alternate(lambda: model(image), lambda: None, reps)
-        started = time.perf_counter()
-        lc.convert(model, example, beta="auto")
-        seconds = time.perf_counter() - started
-        rows.append(Row("convert()", f"{name}, β calibrated on 8 images @224", seconds / statistics.median(forward),
-                        "≤ 20×", f"forward b1 {ms(forward)}", f"convert {seconds:.2f} s"))  # fmt: skip
+
+        def forward() -> None:
+            with torch.no_grad():
+                model(image)
+
+        forwards, converts = alternate(forward, lambda: lc.convert(model, example, beta="auto"), reps, warmup=1)
+        rows.append(Row("convert()", f"{name}, β calibrated on 8 images @224", median_ratio(converts, forwards),
+                        "≤ 20×", f"forward b1 {ms(forwards)}", f"convert {statistics.median(converts):.2f} s"))  # fmt: skip
         print(rows[-1], file=sys.stderr)
     return rows
 

@@ -1,15 +1,19 @@
-"""Stand-ins for convolutions and BatchNorms that make input-Hessian-vector products cheaper.
+"""Stand-ins for convolutions, BatchNorms and centered softplus that make input-Hessian-vector
+products cheaper.
 
 An input-Hessian-vector product by reverse over reverse differentiates the backward pass. Through
 a convolution that takes two convolutions (the direction forward through the layer, and the
 resulting gradient back), but torch's double backward of a convolution also forms the weight
 gradient, a third convolution, whether anything needs it or not (it does so with frozen weights
 too): a third of a product's time on resnet18. The stand-in conv's backward is a conv_transpose of
-constant weights, whose own backward is the one convolution the product needs. An eval-mode
-BatchNorm is the per-channel affine map it computes, and its stand-in computes it as one.
+constant weights, whose own backward is one convolution. An eval-mode BatchNorm is the per-channel
+affine map it computes, and its stand-in computes it as one. A centered softplus with its beta
+held fixed is torch's softplus, whose first and second derivatives are single native kernels; the
+training layer recovers its derivatives from its output (to keep no input for backward) in several
+ops, each of which the product differentiates again.
 
 Values are those of the layers they replace up to rounding; the stand-ins are for eval-mode
-measurement copies only (weights are constants, no parameter gradients).
+measurement copies only: they hold the replaced layers' weights (not copies), as constants.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import LipschitzBatchNorm, NormalizedConv
+from .layers import CenteredSoftplus, LipschitzBatchNorm, NormalizedConv
+from .layers.centered_softplus import FUSED_THRESHOLD, LOG2
 from .layers.normalized_linear import single_tap
 
 CONVOLUTIONS = (F.conv1d, F.conv2d, F.conv3d)
@@ -78,8 +83,8 @@ class InputGradientConv(nn.Module):
                  padding: Sequence[int], dilation: Sequence[int], groups: int,
                  extra_padding: Sequence[int] = ()) -> None:  # fmt: skip
         super().__init__()
-        self.register_buffer("weight", weight.detach().clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("weight", weight.detach())
+        self.register_buffer("bias", None if bias is None else bias.detach())
         self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
         self.groups = groups
         self.extra_padding = tuple(extra_padding)
@@ -117,8 +122,8 @@ class ChannelAffine(nn.Module):
 
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("scale", scale.detach().clone())
-        self.register_buffer("shift", shift.detach().clone())
+        self.register_buffer("scale", scale.detach())
+        self.register_buffer("shift", shift.detach())
 
     @classmethod
     def from_batchnorm(cls, bn: nn.Module) -> ChannelAffine | None:
@@ -139,8 +144,26 @@ class ChannelAffine(nn.Module):
         return torch.addcmul(self.shift.view(shape), x, self.scale.view(shape))
 
 
+class FixedBetaSoftplus(nn.Module):
+    """(softplus(beta x) - log 2) / beta + shift with beta a constant, by torch's softplus."""
+
+    def __init__(self, beta: float, shift: float = 0.0) -> None:
+        super().__init__()
+        self.beta, self.shift = float(beta), float(shift)
+
+    @classmethod
+    def from_centered_softplus(cls, layer: CenteredSoftplus) -> FixedBetaSoftplus:
+        return cls(float(layer.beta.detach()), layer.shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Past the threshold softplus returns x, whose second derivative 0 stands for
+        # beta sigmoid'(beta x) < beta exp(-threshold): below float32's resolution at 20, float64's at 40.
+        threshold = 2 * FUSED_THRESHOLD if x.dtype == torch.float64 else FUSED_THRESHOLD
+        return F.softplus(x, self.beta, threshold) - (LOG2 / self.beta - self.shift)
+
+
 # Exact types: a subclass may change forward (timm's Conv2dSame pads dynamically, StdConv2d
-# standardises its weight), so it keeps its own layer.
+# standardises its weight), so it keeps its own layer. A user's table may add their own layers.
 STAND_INS: dict[type, Callable[[nn.Module], nn.Module | None]] = {
     nn.Conv1d: InputGradientConv.from_conv,
     nn.Conv2d: InputGradientConv.from_conv,
@@ -150,6 +173,7 @@ STAND_INS: dict[type, Callable[[nn.Module], nn.Module | None]] = {
     nn.BatchNorm2d: ChannelAffine.from_batchnorm,
     nn.BatchNorm3d: ChannelAffine.from_batchnorm,
     LipschitzBatchNorm: ChannelAffine.from_batchnorm,
+    CenteredSoftplus: FixedBetaSoftplus.from_centered_softplus,
 }
 
 

@@ -246,9 +246,9 @@ def estimate_curvature(
     seeded start, so the result is deterministic: Lanczos by default, or ``method="power"`` for
     plain power iteration from a random vector (the paper's estimator; 6 Lanczos steps read within
     5% of 10 power steps, see docs/benchmarks.md). The products run on a measurement copy whose
-    convolutions and BatchNorms are stand-ins without torch's unneeded weight-gradient
-    convolutions (``input_only_products=False`` differentiates the layers as they are; same
-    values up to rounding). A model with ReLUs is measured through ``relu_stand_in(model,
+    convolutions, BatchNorms and centered softplus layers are stand-ins with cheaper double
+    backward (``lcnn_convert.input_hessian``; ``input_only_products=False`` differentiates the
+    layers as they are; same values up to rounding). A model with ReLUs is measured through ``relu_stand_in(model,
     relu_beta)``; ``relu_stand_in_beta`` in the result says so.
     """
     if iterations < 1:

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lcnn_convert as lc
 from lcnn_convert import CenteredSoftplus, LipschitzBatchNorm, NormalizedConv
-from lcnn_convert.input_hessian import ChannelAffine, InputGradientConv, swap_for_input_hessian
+from lcnn_convert.input_hessian import ChannelAffine, FixedBetaSoftplus, InputGradientConv, swap_for_input_hessian
 from lcnn_convert.measure import estimate_curvature
 
 from .conftest import randomize_batchnorms
@@ -89,6 +89,18 @@ def test_batchnorm_stand_in_is_its_eval_affine_map(lipschitz):
     assert ChannelAffine.from_batchnorm(nn.BatchNorm2d(5, track_running_stats=False)) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softplus_stand_in_matches_the_layer_through_second_order(dtype):
+    layer = CenteredSoftplus(beta=2.5, shift=0.3).to(dtype)
+    stand_in = FixedBetaSoftplus.from_centered_softplus(layer)
+    # across 0 (the curvature's peak, beta / 4) and past the threshold (beta x > 20)
+    x = torch.cat([torch.linspace(-12, 12, 241), torch.randn(40) * 1e-3]).to(dtype).view(1, -1)
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-14}
+    for expected, actual in zip(input_hessian_products(layer, x, direction), input_hessian_products(stand_in, x, direction)):
+        torch.testing.assert_close(actual, expected, **tolerance)
+
+
 def test_swap_replaces_exact_types_only_and_needs_eval_mode():
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1),
@@ -131,7 +143,7 @@ def test_hessian_vector_product_takes_two_convolutions_per_layer_instead_of_thre
         )  # fmt: skip
     ).eval()
     fast = copy.deepcopy(model)
-    assert len(swap_for_input_hessian(fast)) == 4
+    assert len(swap_for_input_hessian(fast)) == 6
     x, direction = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
 
     def count(module: nn.Module) -> tuple[dict[str, int], torch.Tensor]:
