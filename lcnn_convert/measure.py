@@ -248,8 +248,8 @@ def estimate_curvature(
     5% of 10 power steps, see docs/benchmarks.md). The products run on a measurement copy whose
     convolutions, BatchNorms and centered softplus layers are stand-ins with cheaper double
     backward (``lcnn_convert.input_hessian``; ``input_only_products=False`` differentiates the
-    layers as they are; same values up to rounding). A model with ReLUs is measured through ``relu_stand_in(model,
-    relu_beta)``; ``relu_stand_in_beta`` in the result says so.
+    layers as they are; same values up to rounding). A model with ReLUs is measured through
+    ``relu_stand_in(model, relu_beta)``; ``relu_stand_in_beta`` in the result says so.
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
