@@ -94,7 +94,7 @@ def render(results: list[ZooResult]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="model names (torchvision:NAME / timm:NAME); default all")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per model")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model (regnet_y_128gf takes ~370 s here)")
     parser.add_argument("--output", default=str(ROOT / "docs" / "zoo.md"), help="markdown file, or - for stdout")
     parser.add_argument("--json", default=None, help="append one JSON line per model here")
     parser.add_argument("--rerun-failed", default=None, help="a --json file: rerun its failures, keep the rest")
