@@ -48,7 +48,6 @@ from .models import (
 from .report import write_report
 from .verify import DEFAULT_ATOL, verify_onnx
 
-CALIBRATION_BATCH = 32
 CALIBRATION_EXAMPLES = 256
 BN_STATISTICS_BATCHES = 100
 CURVATURE_PLOT = "curvature.png"
@@ -268,8 +267,7 @@ def _run(
         channels, height, width = config["input_size"]
         if job.image_size:
             height = width = job.image_size
-        generator = torch.Generator().manual_seed(job.seed)
-        calibration = torch.randn((CALIBRATION_BATCH, channels, height, width), generator=generator)
+        calibration = None  # calibrated on inputs synthesised from the model's BatchNorm statistics
     identity = {
         "model": job.model, "dataset": job.dataset, "num_classes": _classes(model), "seed": job.seed,
         "batch_size": job.training.batch_size,
@@ -293,7 +291,8 @@ def _run(
         else:
             torch.manual_seed(job.seed)  # every rank converts to the same model
             try:
-                converted = convert(model.to(device), calibration.to(device), beta=job.beta)
+                examples = calibration.to(device) if calibration is not None else None
+                converted = convert(model.to(device), examples, beta=job.beta, input_size=(channels, height, width))
             except RuntimeError as error:
                 raise LcnnError(
                     f"{spec} does not run at {height}x{width} ({first_line(error)}); try another --image-size"
@@ -337,10 +336,11 @@ def _run(
     converted = converted.cpu().eval()
     with _step(console, "save weights", timings, "save"):
         save(converted, out, spec)
+    shaped = torch.randn((2, channels, height, width), generator=torch.Generator().manual_seed(job.seed))
     with _step(console, f"export ONNX (opset {job.opset})", timings, "export"):
-        export_onnx(converted, out / ONNX_FILE, calibration[:2], opset=job.opset)
+        export_onnx(converted, out / ONNX_FILE, calibration[:2] if calibration is not None else shaped, opset=job.opset)
     with _step(console, "verify in onnxruntime", timings, "verify"):
-        real = _first_examples(splits.test, 32) if splits is not None else calibration
+        real = _first_examples(splits.test, 32) if splits is not None else None
         parity = verify_onnx(converted, out / ONNX_FILE, real, atol=job.atol, seed=job.seed + 1)
     files = {"onnx": ONNX_FILE, "weights": WEIGHTS_FILE, "report": REPORT_FILE}
     if external_data_path(out / ONNX_FILE).is_file():
@@ -380,9 +380,8 @@ def _run(
         }
     if finetune_summary is not None:
         report["finetune"] = {**finetune_summary, "config": asdict(job.training)}
-    report["conversion"]["beta"]["calibration_data"] = (
-        f"{job.dataset} train" if splits is not None else "random normal"
-    ) if job.beta == "auto" else None  # fmt: skip
+    if job.beta == "auto" and splits is not None:
+        report["conversion"]["beta"]["calibration_data"] = f"{job.dataset} train"
     write_report(out / REPORT_FILE, report)
     report["output_dir"] = str(out)
     return report

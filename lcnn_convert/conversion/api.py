@@ -15,24 +15,35 @@ from ..errors import LcnnError, first_line
 from ..layers import CenteredSoftplus
 from ..models import data_config
 from .bound import curvature_bound
-from .calibrate import calibrate_beta, first_tensor
+from ..fidelity import DEFAULT_MIN_AGREEMENT, Fidelity, compare_logits, logits_of
+from .calibrate import DEFAULT_LOGIT_TOLERANCE, calibrate_beta, first_tensor
 from .graph_pass import apply_rules, capture_input_shapes, list_unconverted, normalize_linear_layers
 from .module_swap import find_functional_calls, swap_modules
-from .report import ConversionReport
+from .report import BetaChoice, ConversionReport
 from .rules import DEFAULT_RULES, ReplacementRule
+from .synthetic import SYNTHESIS_STEPS, SYNTHETIC_EXAMPLES, can_synthesize, synthesize_inputs
 from .tracing import trace
 
 logger = logging.getLogger(__name__)
 
-# With no data to calibrate on, beta = 100 is the documented default: on a ResNet-18 it kept 100%
-# top-1 agreement with the ReLU original (../shared/LCNN_NOTES.md); fine-tuning lowers it.
+# With no data and no trained BatchNorm statistics to synthesise inputs from, every site gets
+# beta = 100: on a digits ResNet-18 it kept 100% top-1 agreement with the ReLU original
+# (../shared/LCNN_NOTES.md); fine-tuning lowers it.
 DEFAULT_BETA = 100.0
-MIN_AGREEMENT = 0.99
+MIN_AGREEMENT = DEFAULT_MIN_AGREEMENT
+# Of the user's example inputs, this share is held out of calibration to measure fidelity on.
+HELD_OUT_SHARE = 0.25
+MIN_HELD_OUT = 4
 UNTRAINED_STATISTICS_NOTE = (
     "BatchNorm running statistics are untrained (mean 0, variance 1), so each Lipschitz BN's gamma "
     "starts from meaningless gains and fine-tuning will collapse; estimate them first with "
     "lcnn_convert.recalibrate_batchnorm(model, train_data)"
 )
+NO_DATA_NOTE = (
+    f"no example inputs and no trained BatchNorm statistics to synthesise any: every activation at beta = "
+    f"{DEFAULT_BETA:g}, fidelity not measured; pass example_inputs (real images) to calibrate and measure it"
+)
+USER_DATA = "user calibration data"
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,35 @@ class ConvertOptions:
     replace_activations: bool = True
     rules: tuple[ReplacementRule, ...] = DEFAULT_RULES
     estimate_norms: bool = True
+    logit_tolerance: float = DEFAULT_LOGIT_TOLERANCE
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    input_size: tuple[int, ...] | None = None  # (C, H, W) without data; default: the model's data config
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """Inputs to calibrate beta on, inputs to measure fidelity on, and where both came from."""
+
+    calibration: tuple[torch.Tensor, ...]
+    held_out: tuple[torch.Tensor, ...] | None
+    source: str
+    synthetic: bool = False
+
+    @property
+    def fidelity_source(self) -> str:
+        return f"{self.source} (held-out part)" if self.held_out is not None else f"{self.source} (calibration set itself)"
+
+
+def split_examples(example: tuple[torch.Tensor, ...], source: str, synthetic: bool = False) -> CalibrationData:
+    """Hold the last HELD_OUT_SHARE of the examples out of calibration (none below 2 * MIN_HELD_OUT)."""
+    count = len(example[0])
+    held = int(count * HELD_OUT_SHARE) if count >= 2 * MIN_HELD_OUT else 0
+    if held == 0:
+        return CalibrationData(example, None, source, synthetic)
+    return CalibrationData(
+        tuple(t[: count - held] for t in example), tuple(t[count - held :] for t in example), source, synthetic
+    )
 
 
 def _as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, ...] | None:
@@ -51,11 +91,13 @@ def _as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor] | None) -> t
     return tuple(example_inputs)
 
 
-def _default_example(model: nn.Module) -> tuple[torch.Tensor, ...]:
+def _default_example(model: nn.Module, input_size: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
+    """Two random inputs: only their shape matters, for the operator norms."""
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(0)
-    return (torch.randn((2, *data_config(model)["input_size"]), generator=generator).to(device),)
+    size = input_size or data_config(model)["input_size"]
+    return (torch.randn((2, *size), generator=generator).to(device),)
 
 
 def _check_beta(beta: float | str) -> None:
@@ -72,6 +114,9 @@ def convert(
     beta: float | str = "auto",
     replace_activations: bool = True,
     rules: Sequence[ReplacementRule] | None = None,
+    logit_tolerance: float = DEFAULT_LOGIT_TOLERANCE,
+    held_out_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    input_size: Sequence[int] | None = None,
 ) -> nn.Module:
     """Return an LCNN version of ``model``; the original is left unchanged.
 
@@ -79,26 +124,61 @@ def convert(
     become Lipschitz BatchNorms, and every conv/linear is divided by its operator norm at its real
     input size with the scale pushed into the following BN (or kept as an explicit scalar).
 
-    ``beta="auto"`` calibrates beta per site on ``example_inputs`` (smallest sharpness keeping
-    >= 99% top-1 agreement with the original); without example inputs, or with a number, every
-    site gets that beta (DEFAULT_BETA = 100 for "auto" without inputs). ``rules`` replaces the
-    default replacement table (see ``lcnn_convert.DEFAULT_RULES``). The result carries a
-    ``conversion_report`` attribute.
+    ``beta="auto"`` calibrates beta per site: the smoothest shared sharpness whose mean relative
+    logit error stays within ``logit_tolerance`` (2%) of the original with >= 99% top-1 agreement.
+    It calibrates on ``example_inputs`` (real images; a quarter of them is held out to measure
+    fidelity on, unless ``held_out_inputs`` are given), or without them on inputs synthesised from
+    the model's BatchNorm statistics (at ``input_size`` (C, H, W), default the model's data config;
+    ~50 forward/backward passes of 32 images); a model with neither gets DEFAULT_BETA (100). A
+    number fixes beta everywhere. ``rules`` replaces the default replacement table (see
+    ``lcnn_convert.DEFAULT_RULES``). The result carries a ``conversion_report`` attribute whose
+    ``fidelity`` compares it with the original on inputs calibration did not use.
     """
     _check_beta(beta)
-    options = ConvertOptions(beta, replace_activations, tuple(DEFAULT_RULES if rules is None else rules))
-    return convert_with_options(model, _as_tuple(example_inputs), options)
+    if not 0 < logit_tolerance < 1:
+        raise LcnnError(f"logit_tolerance must lie in (0, 1), got {logit_tolerance}")
+    options = ConvertOptions(
+        beta, replace_activations, tuple(DEFAULT_RULES if rules is None else rules), logit_tolerance=logit_tolerance,
+        input_size=None if input_size is None else tuple(int(size) for size in input_size),
+    )  # fmt: skip
+    example = _as_tuple(example_inputs)
+    held_out = _as_tuple(held_out_inputs)
+    data = None
+    if example is not None and held_out is not None:
+        data = CalibrationData(example, held_out, USER_DATA)
+    elif example is not None and beta == "auto":
+        data = split_examples(example, USER_DATA)
+    elif example is not None:
+        data = CalibrationData(example, None, "user example inputs")
+    return convert_with_options(model, data, options)
+
+
+def synthetic_calibration_data(
+    model: nn.Module, input_size: Sequence[int] | None = None, seed: int = 0, progress=None
+) -> CalibrationData:
+    """SYNTHETIC_EXAMPLES inputs synthesised from ``model``'s BatchNorm statistics, a quarter held out."""
+    size = input_size or data_config(model)["input_size"]
+    inputs = synthesize_inputs(model, size, SYNTHETIC_EXAMPLES, SYNTHESIS_STEPS, seed=seed, progress=progress)
+    return split_examples((inputs,), "synthetic from BatchNorm statistics", synthetic=True)
 
 
 def convert_with_options(
-    model: nn.Module, example: tuple[torch.Tensor, ...] | None, options: ConvertOptions
+    model: nn.Module, data: CalibrationData | None, options: ConvertOptions
 ) -> nn.Module:
+    """``convert`` with its inputs already sorted: ``data`` calibrates beta (when options.beta is
+    "auto") and measures fidelity. Without data, a model whose BatchNorms hold trained statistics
+    is calibrated on inputs synthesised from them."""
     was_training = model.training
     untrained_statistics = has_untrained_batchnorm(model)
     converted_from = copy.deepcopy(model).eval()
-    calibrate = options.beta == "auto" and example is not None and options.estimate_norms
-    if example is None:
-        example = _default_example(converted_from) if options.estimate_norms else None
+    auto = options.beta == "auto" and options.estimate_norms
+    if data is None and auto and can_synthesize(converted_from):
+        data = synthetic_calibration_data(converted_from, options.input_size, options.seed)
+    calibrate = auto and data is not None
+    if data is not None:
+        example = data.calibration
+    else:
+        example = _default_example(converted_from, options.input_size) if options.estimate_norms else None
     initial_beta = DEFAULT_BETA if isinstance(options.beta, str) else float(options.beta)
 
     reference = None
@@ -135,14 +215,27 @@ def convert_with_options(
 
     sites = [m for m in converted.modules() if isinstance(m, CenteredSoftplus) and not m.shift]
     if calibrate and sites:
-        result = calibrate_beta(converted, sites, example, reference, MIN_AGREEMENT)
-        report.beta = {"mode": "auto", "sharpness": result.sharpness, "top1_agreement": result.top1_agreement}
+        result = calibrate_beta(
+            converted, sites, example, reference,
+            min_agreement=None if data.synthetic else options.min_agreement,
+            logit_tolerance=options.logit_tolerance,
+        )  # fmt: skip
+        report.beta = BetaChoice(
+            "auto", calibration_data=data.source, sharpness=result.sharpness, top1_agreement=result.top1_agreement,
+            mean_relative_logit_error=result.mean_relative_logit_error, logit_tolerance=result.logit_tolerance,
+            calibration_examples=len(example[0]),
+        )  # fmt: skip
+    elif options.beta == "auto":
+        report.beta = BetaChoice("auto-default", value=initial_beta)
+        if options.estimate_norms and data is None:
+            report.notes.append(NO_DATA_NOTE)
     else:
-        mode = "auto-default" if options.beta == "auto" else "fixed"
-        report.beta = {"mode": mode, "value": initial_beta}
+        report.beta = BetaChoice("fixed", value=initial_beta)
     betas = [float(m.beta.detach()) for m in converted.modules() if isinstance(m, CenteredSoftplus)]
     if betas:
-        report.beta.update(mean=sum(betas) / len(betas), min=min(betas), max=max(betas))
+        report.beta.mean, report.beta.min, report.beta.max = sum(betas) / len(betas), min(betas), max(betas)
+    if data is not None and options.estimate_norms:
+        report.fidelity = _fidelity(converted_from, converted, data, calibrate, reference)
 
     if report.method == "fx":
         (lipschitz, curvature), unbounded_by = curvature_bound(converted)
@@ -156,3 +249,19 @@ def convert_with_options(
     converted.train(was_training)
     converted.conversion_report = report
     return converted
+
+
+def _fidelity(
+    original: nn.Module, converted: nn.Module, data: CalibrationData, calibrated: bool, reference: torch.Tensor | None
+) -> Fidelity:
+    """The converted model against the original on the held-out inputs (or, without any, the calibration ones,
+    whose ``reference`` logits are known already)."""
+    inputs = data.held_out if data.held_out is not None else data.calibration
+    source = data.fidelity_source if calibrated else data.source
+    reference = reference if data.held_out is None else None
+    if len(inputs) != 1:  # several model inputs: logits_of batches a single tensor
+        with torch.no_grad():
+            logits, expected = first_tensor(converted(*inputs)), first_tensor(original(*inputs))
+        return compare_logits(logits, expected, source, data.synthetic)
+    expected = reference if reference is not None else logits_of(original, inputs[0])
+    return compare_logits(logits_of(converted, inputs[0]), expected, source, data.synthetic)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from ..fidelity import Fidelity
+
 
 @dataclass(frozen=True)
 class Skipped:
@@ -13,6 +15,32 @@ class Skipped:
     node: str
     kind: str
     reason: str
+
+
+@dataclass
+class BetaChoice:
+    """How the activations' sharpness was chosen, and what it came to.
+
+    ``mode`` is "auto" (calibrated on ``calibration_data``), "auto-default" (no data and no trained
+    BatchNorm statistics to synthesise any: every site at ``value``) or "fixed" (``value`` asked for).
+    For "auto", ``sharpness`` is the shared t of beta_k = t / std_k and the agreement and error are
+    those on the calibration inputs, against ``logit_tolerance``.
+    """
+
+    mode: Literal["auto", "auto-default", "fixed"]
+    value: float | None = None
+    calibration_data: str | None = None
+    sharpness: float | None = None
+    top1_agreement: float | None = None
+    mean_relative_logit_error: float | None = None
+    logit_tolerance: float | None = None
+    calibration_examples: int | None = None
+    mean: float | None = None
+    min: float | None = None
+    max: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in asdict(self).items() if value is not None}
 
 
 @dataclass
@@ -25,7 +53,8 @@ class ConversionReport:
     curvature_bound: float | None = None
     lipschitz_bound: float | None = None
     bound_notes: list[str] = field(default_factory=list)
-    beta: dict[str, Any] = field(default_factory=dict)
+    beta: BetaChoice = field(default_factory=lambda: BetaChoice("fixed"))
+    fidelity: Fidelity | None = None
     fallback_reason: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -41,7 +70,8 @@ class ConversionReport:
             "curvature_bound": self.curvature_bound,
             "lipschitz_bound": self.lipschitz_bound,
             "bound_notes": list(self.bound_notes),
-            "beta": dict(self.beta),
+            "beta": self.beta.to_dict(),
+            "fidelity": None if self.fidelity is None else self.fidelity.to_dict(),
             "replaced": {
                 "activations": list(self.activations_replaced),
                 "batchnorms": list(self.batchnorms_replaced),
@@ -54,5 +84,6 @@ class ConversionReport:
         return (
             f"ConversionReport(method={self.method}, activations={len(self.activations_replaced)}, "
             f"batchnorms={len(self.batchnorms_replaced)}, normalized={len(self.layers_normalized)}, "
-            f"skipped={len(self.skipped)}, curvature_bound={bound})"
+            f"skipped={len(self.skipped)}, curvature_bound={bound}, "
+            f"fidelity={'not measured' if self.fidelity is None else f'{self.fidelity.top1_agreement:.2%} top-1'})"
         )
