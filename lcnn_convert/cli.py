@@ -71,6 +71,32 @@ def convert_command(
     evaluate: Annotated[
         Optional[str], typer.Option("--eval", help="Measure original and converted model on DATASET, no training.")
     ] = None,
+    calibrate: Annotated[
+        Optional[str],
+        typer.Option(
+            help=f"Calibrate beta on {DATASET_NAMES}'s train split and measure fidelity on its test split "
+            "(default without a dataset: inputs synthesised from the model's BatchNorm statistics)."
+        ),
+    ] = None,
+    calibration_examples: Annotated[int, typer.Option(help="Train images beta is calibrated on.")] = 256,
+    min_agreement: Annotated[
+        float,
+        typer.Option(help="Fidelity gate: least top-1 agreement with the original on real held-out images."),
+    ] = 0.99,
+    logit_tolerance: Annotated[
+        float, typer.Option(help="Calibration target: mean relative logit error allowed against the original.")
+    ] = 0.02,
+    mean: Annotated[
+        Optional[tuple[float, float, float]],
+        typer.Option(metavar="R G B", help="Normalisation mean the model was trained with (default: its data config)."),
+    ] = None,
+    std: Annotated[
+        Optional[tuple[float, float, float]],
+        typer.Option(metavar="R G B", help="Normalisation std the model was trained with (default: its data config)."),
+    ] = None,
+    interpolation: Annotated[
+        Optional[str], typer.Option(help="Resize interpolation: bilinear, bicubic, nearest, … (default: data config).")
+    ] = None,
     data_dir: Annotated[
         Optional[Path], typer.Option(help="Where datasets are (or are downloaded to); default a cache folder.")
     ] = None,
@@ -101,20 +127,21 @@ def convert_command(
     job = ConversionJob(
         model=model, weights=weights, pretrained=pretrained, num_classes=num_classes, beta=parse_beta(beta),
         image_size=image_size, output=output, overwrite=overwrite, opset=opset, device=device, atol=atol, seed=seed,
-        finetune=finetune, evaluate=evaluate, data_dir=data_dir, resume=resume, eval_examples=eval_examples,
-        training=training,
+        finetune=finetune, evaluate=evaluate, calibrate=calibrate, calibration_examples=calibration_examples,
+        min_agreement=min_agreement, logit_tolerance=logit_tolerance, mean=mean, std=std, interpolation=interpolation,
+        data_dir=data_dir, resume=resume, eval_examples=eval_examples, training=training,
     )  # fmt: skip
     report = run_conversion(job)
     if report is None:  # another rank than 0 under torchrun: rank 0 writes and prints everything
         return
     if json_output:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report.to_dict(), indent=2))
     else:
         print_report(report, Console())
-        Console(stderr=True).print(f"wrote {report['output_dir']}")
-    failure = _parity_failure(report["parity"])
-    if failure:
-        raise LcnnError(failure)
+        Console(stderr=True).print(f"wrote {report.output_dir}")
+    failures = report.failures()
+    if failures:
+        raise LcnnError("; ".join(failures))
 
 
 @app.command("verify", short_help="Re-check an output dir's ONNX against its weights.")
@@ -135,15 +162,6 @@ def verify_command(
     print(result)
     if not result.passed:
         raise LcnnError(result.failure())
-
-
-def _parity_failure(parity: dict) -> str | None:
-    if parity["passed"]:
-        return None
-    return (
-        f"ONNX parity failed: max abs diff {parity['max_abs_diff']} (atol {parity['atol']}), "
-        f"top-1 agreement {parity['top1_agreement']:.2%}; outputs kept for inspection"
-    )
 
 
 def _rank_prefix() -> str:

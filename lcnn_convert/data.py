@@ -117,6 +117,13 @@ class DatasetSplits:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     image_size: int
+    interpolation: str = "bilinear"
+    train_unaugmented: Dataset | None = None  # the train split with the test split's preprocessing
+
+    @property
+    def calibration_pool(self) -> Dataset:
+        """Train images as the model sees them at test time: what beta is calibrated on."""
+        return self.train_unaugmented if self.train_unaugmented is not None else self.train
 
 
 @dataclass(frozen=True)
@@ -264,7 +271,12 @@ class _ReadChecked(Dataset):
 
 
 def _splits(
-    name: str, train: Dataset, test: Dataset, classes: list[str], preprocessing: _Preprocessing
+    name: str,
+    train: Dataset,
+    test: Dataset,
+    classes: list[str],
+    preprocessing: _Preprocessing,
+    train_unaugmented: Dataset | None = None,
 ) -> DatasetSplits:
     return DatasetSplits(
         name=name,
@@ -275,6 +287,8 @@ def _splits(
         mean=preprocessing.mean,
         std=preprocessing.std,
         image_size=preprocessing.size,
+        interpolation=preprocessing.interpolation.value,
+        train_unaugmented=None if train_unaugmented is None else _ReadChecked(train_unaugmented, "train"),
     )
 
 
@@ -385,13 +399,14 @@ def _load_cifar(layout: _CifarLayout, root: Path, preprocessing: _Preprocessing,
     train_batches = [_cifar_batch(folder / file, layout) for file in layout.train_files]
     test_images, test_labels = _cifar_batch(folder / layout.test_file, layout)
     classes = _cifar_class_names(folder / layout.meta_file, layout)
-    train = _ArrayImageDataset(
-        np.concatenate([images for images, _ in train_batches]),
-        np.concatenate([labels for _, labels in train_batches]),
-        _pil_transform(preprocessing, NATIVE_SIZE, crop=True, flip=True),
+    train_images = np.concatenate([images for images, _ in train_batches])
+    train_labels = np.concatenate([labels for _, labels in train_batches])
+    plain = _pil_transform(preprocessing, NATIVE_SIZE, False, False)
+    train = _ArrayImageDataset(train_images, train_labels, _pil_transform(preprocessing, NATIVE_SIZE, crop=True, flip=True))
+    test = _ArrayImageDataset(test_images, test_labels, plain)
+    return _splits(
+        layout.name, train, test, classes, preprocessing, _ArrayImageDataset(train_images, train_labels, plain)
     )
-    test = _ArrayImageDataset(test_images, test_labels, _pil_transform(preprocessing, NATIVE_SIZE, False, False))
-    return _splits(layout.name, train, test, classes, preprocessing)
 
 
 def _read_svhn_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -434,9 +449,11 @@ def _load_svhn(root: Path, preprocessing: _Preprocessing, download: bool) -> Dat
     train_images, train_labels = _read_svhn_split(root / SVHN_FILES["train"][0])
     test_images, test_labels = _read_svhn_split(root / SVHN_FILES["test"][0])
     # Random crops only: flipping a house number makes a different (or no) digit.
+    plain = _pil_transform(preprocessing, NATIVE_SIZE, False, False)
     train = _ArrayImageDataset(train_images, train_labels, _pil_transform(preprocessing, NATIVE_SIZE, True, False))
-    test = _ArrayImageDataset(test_images, test_labels, _pil_transform(preprocessing, NATIVE_SIZE, False, False))
-    return _splits("svhn", train, test, [str(digit) for digit in range(10)], preprocessing)
+    test = _ArrayImageDataset(test_images, test_labels, plain)
+    unaugmented = _ArrayImageDataset(train_images, train_labels, plain)
+    return _splits("svhn", train, test, [str(digit) for digit in range(10)], preprocessing, unaugmented)
 
 
 def _load_folder(path_text: str, preprocessing: _Preprocessing) -> DatasetSplits:
@@ -467,4 +484,7 @@ def _load_folder(path_text: str, preprocessing: _Preprocessing) -> DatasetSplits
             f"dataset folder {root}: train/ and val/ must have the same class folders "
             f"(only in train: {only_train or 'none'}; only in val: {only_val or 'none'})"
         )
-    return _splits(f"{FOLDER_PREFIX}{root}", splits["train"], splits["val"], list(train_classes), preprocessing)
+    unaugmented = ImageFolder(str(root / "train"), transform=_pil_transform(preprocessing, None, False, False))
+    return _splits(
+        f"{FOLDER_PREFIX}{root}", splits["train"], splits["val"], list(train_classes), preprocessing, unaugmented
+    )

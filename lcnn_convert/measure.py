@@ -39,6 +39,10 @@ Data = Dataset | tuple[torch.Tensor, torch.Tensor]
 # (Madry et al.), lets PGD reach the ball's boundary from any starting point within its steps.
 PGD_DEFAULTS: dict[str, dict[str, float]] = {"linf": {"eps": 8 / 255, "steps": 10}, "l2": {"eps": 0.5, "steps": 10}}
 RELU_RULES = tuple(rule for rule in DEFAULT_RULES if rule.name.startswith("relu"))
+CURVATURE_METHOD = "lanczos"
+CURVATURE_STEPS = 6
+RELU_STAND_IN_BETA = 1000.0
+HESSIAN_NORM_NAMES = {"lanczos": "Lanczos", "power": "power iteration"}
 
 
 @dataclass(frozen=True)
@@ -232,12 +236,12 @@ def _curvature_of_batch(
 def estimate_curvature(
     model: nn.Module,
     data: Data,
-    iterations: int = 6,
+    iterations: int = CURVATURE_STEPS,
     max_examples: int = 256,
     batch_size: int = 64,
-    relu_beta: float = 1000.0,
+    relu_beta: float = RELU_STAND_IN_BETA,
     eps: float = 1e-12,
-    method: str = "lanczos",
+    method: str = CURVATURE_METHOD,
     input_only_products: bool = True,
 ) -> CurvatureStats:
     """Normalized input curvature of ``model`` on the first ``max_examples`` examples of ``data``.
@@ -377,3 +381,26 @@ def adversarial_accuracy(
                 correct += int((first_tensor(model(adversarial)).argmax(-1) == labels).sum())
             total += len(labels)
     return correct / total
+
+
+def measurement_protocol() -> dict[str, str]:
+    """What ``estimate_curvature`` and ``adversarial_accuracy`` measure with their defaults, in words."""
+    pgd = " and ".join(
+        f"{'L2' if norm == 'l2' else 'Linf'} eps {_budget_text(norm, budget['eps'])}"
+        for norm, budget in sorted(PGD_DEFAULTS.items())
+    )
+    steps = {int(budget["steps"]) for budget in PGD_DEFAULTS.values()}
+    return {
+        "curvature": (
+            f"{HESSIAN_NORM_NAMES[CURVATURE_METHOD]} ({CURVATURE_STEPS} steps) on input Hessian-vector products of the "
+            "cross-entropy, divided by the input-gradient norm"
+        ),
+        "relu_models": (
+            f"measured through a softplus(beta={RELU_STAND_IN_BETA:g}) stand-in for ReLU, as the LCNN paper's baselines"
+        ),
+        "pgd": f"{pgd} in [0,1] pixel space, {'/'.join(map(str, sorted(steps)))} steps, step 2.5*eps/steps, random start",
+    }
+
+
+def _budget_text(norm: str, eps: float) -> str:
+    return f"{round(eps * 255)}/255" if norm == "linf" else f"{eps:g}"

@@ -12,7 +12,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,11 @@ from torch import nn
 
 from . import __version__
 from .artifacts import ONNX_FILE, REPORT_FILE, WEIGHTS_FILE, save
-from .conversion import ConvertOptions, convert, convert_with_options
-from .errors import LcnnError, first_line
-from .export import DEFAULT_OPSET, export_onnx, external_data_path
 from .bn_statistics import has_untrained_batchnorm, recalibrate_batchnorm
+from .conversion import CalibrationData, ConvertOptions, convert_with_options
+from .conversion.api import synthetic_calibration_data
+from .conversion.calibrate import DEFAULT_LOGIT_TOLERANCE
+from .conversion.synthetic import can_synthesize
 from .distributed import (
     DistributedContext,
     broadcast_from_main,
@@ -34,6 +35,9 @@ from .distributed import (
     share_outcome,
     shutdown,
 )
+from .errors import LcnnError, first_line
+from .export import DEFAULT_OPSET, export_onnx, external_data_path
+from .fidelity import DEFAULT_MIN_AGREEMENT, Fidelity, measure_fidelity
 from .finetune import CHECKPOINT_FILE, FinetuneConfig, finetune, load_checkpoint
 from .io import StagedDirectory, WorkingDirectory
 from .models import (
@@ -45,11 +49,21 @@ from .models import (
     reset_head,
     resolve_model_name,
 )
-from .report import write_report
+from .preprocessing import Preprocessing, check_overrides, preprocessing_candidates, preprocessing_for
+from .report import FidelityGate, RunReport, write_report
 from .verify import DEFAULT_ATOL, verify_onnx
 
 CALIBRATION_EXAMPLES = 256
+# Test images the converted model is compared with the original on (all of a smaller test split).
+FIDELITY_EXAMPLES = 2048
+PARITY_EXAMPLES = 32
 BN_STATISTICS_BATCHES = 100
+# The original's accuracy under other common normalisations is checked on this many test images;
+# it is called wrong when another one scores PREPROCESSING_GAIN higher, or it is within
+# CHANCE_FACTOR of chance.
+PREPROCESSING_CHECK_EXAMPLES = 256
+PREPROCESSING_GAIN = 0.2
+CHANCE_FACTOR = 1.5
 CURVATURE_PLOT = "curvature.png"
 TRAINING_PLOT = "training.png"
 RESUME_KEYS = ("model", "dataset", "num_classes", "seed", "batch_size")
@@ -71,6 +85,13 @@ class ConversionJob:
     seed: int = 0
     finetune: str | None = None
     evaluate: str | None = None
+    calibrate: str | None = None
+    calibration_examples: int = CALIBRATION_EXAMPLES
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    logit_tolerance: float = DEFAULT_LOGIT_TOLERANCE
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: str | None = None
     data_dir: Path | None = None
     resume: bool = False
     eval_examples: int = 256
@@ -78,7 +99,12 @@ class ConversionJob:
 
     @property
     def dataset(self) -> str | None:
-        return self.finetune or self.evaluate
+        return self.finetune or self.evaluate or self.calibrate
+
+    @property
+    def measures(self) -> bool:
+        """Accuracy, curvature and robustness are measured for --finetune and --eval runs."""
+        return bool(self.finetune or self.evaluate)
 
     def validate(self) -> None:
         if self.num_classes is not None and self.num_classes < 1:
@@ -95,12 +121,23 @@ class ConversionJob:
             raise LcnnError("--device cuda was asked for but no CUDA device is available")
         if not self.atol > 0:
             raise LcnnError(f"--atol must be > 0, got {self.atol}")
-        if self.finetune and self.evaluate and self.finetune != self.evaluate:
-            raise LcnnError("--finetune and --eval name different datasets; --finetune evaluates on its own test split")
+        named = {name: value for name, value in (("--finetune", self.finetune), ("--eval", self.evaluate),
+                                                 ("--calibrate", self.calibrate)) if value}  # fmt: skip
+        if len(set(named.values())) > 1:
+            raise LcnnError(
+                f"{' and '.join(named)} name different datasets; each run calibrates, measures and trains on one"
+            )
         if self.resume and not self.finetune:
             raise LcnnError("--resume continues a --finetune run; give the same --finetune DATASET")
         if self.eval_examples < 1:
             raise LcnnError(f"--eval-examples must be >= 1, got {self.eval_examples}")
+        if self.calibration_examples < 2:
+            raise LcnnError(f"--calibration-examples must be >= 2, got {self.calibration_examples}")
+        if not 0 <= self.min_agreement <= 1:
+            raise LcnnError(f"--min-agreement must lie in [0, 1], got {self.min_agreement}")
+        if not 0 < self.logit_tolerance < 1:
+            raise LcnnError(f"--logit-tolerance must lie in (0, 1), got {self.logit_tolerance}")
+        check_overrides(self.mean, self.std, self.interpolation)
         self.training.seed = self.seed
         if self.finetune:
             self.training.validate()
@@ -137,19 +174,47 @@ def _step(console: Console, text: str, timings: dict[str, float], key: str) -> I
     console.print(f"[green]✓[/green] {text} [dim]({timings[key]:.1f}s)[/dim]")
 
 
-def _first_examples(dataset, count: int) -> torch.Tensor:
-    return torch.stack([dataset[index][0] for index in range(min(count, len(dataset)))])
+def _examples(dataset, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` examples drawn without replacement by ``seed`` (folders list their images by class),
+    in index order; all of them when the dataset is smaller."""
+    total = len(dataset)
+    if count >= total:
+        indices = list(range(total))
+    else:
+        indices = sorted(torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count].tolist())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # an augmenting transform draws from the global generator
+        items = [dataset[index] for index in indices]
+    return torch.stack([image for image, _ in items]), torch.tensor([int(label) for _, label in items])
 
 
-def _fit_head(model: nn.Module, job: ConversionJob, num_classes: int, dataset: str) -> None:
+@contextlib.contextmanager
+def _progress_bar(console: Console, text: str) -> Iterator[Callable[[int, int, float], None]]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(text), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3g}"),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(text, total=None, loss=float("nan"))
+
+        def update(step: int, steps: int, loss: float) -> None:
+            progress.update(task, completed=step, total=steps, loss=loss)
+
+        yield update
+
+
+def _fit_head(model: nn.Module, job: ConversionJob, num_classes: int, dataset: str) -> bool:
+    """Give the model a head of the dataset's class count; True when it had to be replaced."""
     if job.num_classes is not None and job.num_classes != num_classes:
         raise LcnnError(f"--num-classes {job.num_classes} conflicts with {dataset}, which has {num_classes} classes")
     found = find_classifier(model)
     if found is not None and classifier_classes(found[1]) != num_classes:
         reset_head(model, num_classes)
+        return True
+    return False
 
 
-def measure(model: nn.Module, splits, examples: int) -> dict[str, Any]:
+def measure(model: nn.Module, splits, examples: int) -> tuple[dict[str, Any], list[float]]:
     """Accuracy, curvature and PGD accuracy on the first ``examples`` test images."""
     from .measure import adversarial_accuracy, estimate_curvature, evaluate_accuracy
 
@@ -164,7 +229,7 @@ def measure(model: nn.Module, splits, examples: int) -> dict[str, Any]:
     return metrics, list(curvature.per_example_curvature)
 
 
-def run_conversion(job: ConversionJob, console: Console | None = None) -> dict[str, Any] | None:
+def run_conversion(job: ConversionJob, console: Console | None = None) -> RunReport | None:
     """Run the job and return the report (also written to report.json in the output dir).
 
     Launched by torchrun with several processes, fine-tuning runs data-parallel (see
@@ -196,7 +261,7 @@ def run_conversion(job: ConversionJob, console: Console | None = None) -> dict[s
             shutdown()
     with StagedDirectory(final, job.overwrite) as stage:
         report = _run(job, spec, stage.path, console, None)
-    report["output_dir"] = str(stage.final)
+    report.output_dir = str(stage.final)
     return report
 
 
@@ -227,6 +292,47 @@ def _main_first(distributed: DistributedContext | None, work: Callable[[], Any])
     return result if distributed.is_main else work()
 
 
+@dataclass
+class Run:
+    """What the stages of one run share: the job, where it writes, and what each stage produced."""
+
+    job: ConversionJob
+    spec: ModelSpec
+    out: Path
+    console: Console
+    workdir: WorkingDirectory | None
+    distributed: DistributedContext | None
+    device: torch.device
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    resume_state: dict[str, Any] | None = None
+    model: nn.Module | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    preprocessing: Preprocessing | None = None
+    splits: Any = None  # DatasetSplits when a dataset was named
+    head_reset: bool = False
+    bn_statistics: str | None = None
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    fidelity_inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # held-out test images and labels
+    metrics: dict[str, Any] = field(default_factory=dict)
+    curvatures: dict[str, list[float]] = field(default_factory=dict)
+    converted: nn.Module | None = None
+    conversion: dict[str, Any] = field(default_factory=dict)
+    finetune_result: Any = None
+    finetune_fidelity: Fidelity | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.distributed is None or self.distributed.is_main
+
+    def step(self, text: str, key: str):
+        return _step(self.console, text, self.timings, key)
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(text)
+        self.console.print(f"[yellow]warning:[/yellow] {text}", highlight=False, soft_wrap=True)
+
+
 def _run(
     job: ConversionJob,
     spec: ModelSpec,
@@ -234,156 +340,269 @@ def _run(
     console: Console,
     workdir: WorkingDirectory | None,
     distributed: DistributedContext | None = None,
-) -> dict[str, Any] | None:
+) -> RunReport | None:
+    device = distributed.device if distributed is not None else resolve_device(job.device)
+    if distributed is not None and not distributed.is_main:
+        console = Console(stderr=True, quiet=True)
+    run = Run(job, spec, out, console, workdir, distributed, device)
+    run.resume_state = _on_main(distributed, lambda: load_checkpoint(out / CHECKPOINT_FILE) if job.resume else None)
+    _load(run)
+    if job.dataset:
+        _load_data(run)
+    _check_identity(run)
+    if run.resume_state is not None:
+        run.metrics, run.curvatures = run.resume_state["metrics"], run.resume_state["curvatures"]
+    elif run.splits is not None and run.is_main and job.measures:
+        with run.step("measure the original", "measure_original"):
+            run.metrics["original"], run.curvatures["original"] = measure(run.model.to(device), run.splits, job.eval_examples)
+    if run.splits is not None and run.is_main and run.resume_state is None:
+        _check_preprocessing(run)
+    _convert(run)
+    if run.resume_state is None and run.splits is not None and run.is_main and job.measures:
+        with run.step("measure the conversion", "measure_converted"):
+            run.metrics["converted"], run.curvatures["converted"] = measure(
+                run.converted.to(device), run.splits, job.eval_examples
+            )
+    if job.finetune:
+        _finetune(run)
+        if not run.is_main:
+            return None
+    _export_and_verify(run)
+    return _report(run)
+
+
+def _load(run: Run) -> None:
+    job = run.job
+    with run.step(f"load {run.spec}", "load"):
+        torch.manual_seed(job.seed)  # random initialisation (--no-pretrained, new heads) is part of the run
+        run.model, run.spec = load_model_with_spec(str(run.spec), job.pretrained, job.weights, job.num_classes)
+        run.config = data_config(run.model, run.spec)
+    run.preprocessing = preprocessing_for(run.config, job.mean, job.std, job.interpolation, job.image_size)
+    channels, height, width = run.config["input_size"]
+    if job.image_size:
+        height = width = job.image_size
+    run.input_size = (int(channels), int(height), int(width))
+
+
+def _load_data(run: Run) -> None:
     from .data import load_dataset
 
-    timings: dict[str, float] = {}
-    device = distributed.device if distributed is not None else resolve_device(job.device)
-    is_main = distributed is None or distributed.is_main
-    if not is_main:
-        console = Console(stderr=True, quiet=True)
-    resume_state = _on_main(distributed, lambda: load_checkpoint(out / CHECKPOINT_FILE) if job.resume else None)
-    with _step(console, f"load {spec}", timings, "load"):
-        torch.manual_seed(job.seed)  # random initialisation (--no-pretrained, new heads) is part of the run
-        model, spec = load_model_with_spec(str(spec), job.pretrained, job.weights, job.num_classes)
-        config = data_config(model, spec)
-    splits = None
-    bn_statistics = resume_state.get("batchnorm_statistics") if resume_state is not None else None
-    if job.dataset:
-        with _step(console, f"load dataset {job.dataset}", timings, "data"):
-            # rank 0 first: a download must happen once, and its errors are everyone's
-            splits = _main_first(distributed, lambda: load_dataset(job.dataset, job.data_dir, config, job.image_size))
-            _fit_head(model, job, splits.num_classes, job.dataset)
-        if resume_state is None and has_untrained_batchnorm(model):
-            step = "estimate BatchNorm statistics (the model's were never trained)"
-            with _step(console, step, timings, "bn_statistics"):
-                batches = recalibrate_batchnorm(
-                    model.to(device), splits.train, BN_STATISTICS_BATCHES, job.training.batch_size, job.seed
-                )
-            bn_statistics = f"estimated on {batches} batches of {job.dataset} train: the model's were never trained"
-        calibration = _first_examples(splits.train, CALIBRATION_EXAMPLES)
-        channels, height, width = calibration.shape[1:]
-    else:
-        channels, height, width = config["input_size"]
-        if job.image_size:
-            height = width = job.image_size
-        calibration = None  # calibrated on inputs synthesised from the model's BatchNorm statistics
+    job = run.job
+    config = {**run.config, **run.preprocessing.as_data_config()}
+    with run.step(f"load dataset {job.dataset}", "data"):
+        # rank 0 first: a download must happen once, and its errors are everyone's
+        run.splits = _main_first(
+            run.distributed, lambda: load_dataset(job.dataset, job.data_dir, config, job.image_size)
+        )
+        run.head_reset = _fit_head(run.model, job, run.splits.num_classes, job.dataset)
+    run.preprocessing = replace(run.preprocessing, image_size=run.splits.image_size)
+    if run.resume_state is None and has_untrained_batchnorm(run.model):
+        step = "estimate BatchNorm statistics (the model's were never trained)"
+        with run.step(step, "bn_statistics"):
+            batches = recalibrate_batchnorm(
+                run.model.to(run.device), run.splits.train, BN_STATISTICS_BATCHES, job.training.batch_size, job.seed
+            )
+        run.bn_statistics = f"estimated on {batches} batches of {job.dataset} train: the model's were never trained"
+    elif run.resume_state is not None:
+        run.bn_statistics = run.resume_state.get("batchnorm_statistics")
+    test_images, test_labels = _examples(run.splits.test, FIDELITY_EXAMPLES, job.seed + 1)
+    run.fidelity_inputs = (test_images, test_labels)
+    run.input_size = tuple(int(size) for size in test_images.shape[1:])
+
+
+def _check_identity(run: Run) -> None:
+    job = run.job
     identity = {
-        "model": job.model, "dataset": job.dataset, "num_classes": _classes(model), "seed": job.seed,
+        "model": job.model, "dataset": job.dataset, "num_classes": _classes(run.model), "seed": job.seed,
         "batch_size": job.training.batch_size,
     }  # fmt: skip
-    if resume_state is not None:
-        _check_resumable(resume_state, identity, out)
-    elif workdir is not None:
-        workdir.clear()
+    run.conversion["identity"] = identity
+    if run.resume_state is not None:
+        _check_resumable(run.resume_state, identity, run.out)
+    elif run.workdir is not None:
+        run.workdir.clear()
 
-    metrics: dict[str, Any] = {}
-    curvatures: dict[str, list[float]] = {}
-    if resume_state is not None:
-        metrics, curvatures = resume_state["metrics"], resume_state["curvatures"]
-    elif splits is not None and is_main:
-        with _step(console, "measure the original", timings, "measure_original"):
-            metrics["original"], curvatures["original"] = measure(model.to(device), splits, job.eval_examples)
 
-    with _step(console, "convert", timings, "convert"):
-        if resume_state is not None:
-            converted = convert_with_options(model, None, ConvertOptions(beta=1.0, estimate_norms=False))
-        else:
-            torch.manual_seed(job.seed)  # every rank converts to the same model
-            try:
-                examples = calibration.to(device) if calibration is not None else None
-                converted = convert(model.to(device), examples, beta=job.beta, input_size=(channels, height, width))
-            except RuntimeError as error:
-                raise LcnnError(
-                    f"{spec} does not run at {height}x{width} ({first_line(error)}); try another --image-size"
-                ) from error
-    conversion = resume_state["conversion"] if resume_state is not None else converted.conversion_report.to_dict()
-    if resume_state is None and splits is not None and is_main:
-        with _step(console, "measure the conversion", timings, "measure_converted"):
-            metrics["converted"], curvatures["converted"] = measure(converted.to(device), splits, job.eval_examples)
+def _check_preprocessing(run: Run) -> None:
+    """Warn when the original scores near chance, or far better with another common normalisation."""
+    if run.head_reset or not (run.job.weights or run.job.pretrained):
+        return  # random weights or a fresh head score at chance whatever the preprocessing
+    images, labels = run.fidelity_inputs
+    check = slice(0, PREPROCESSING_CHECK_EXAMPLES)
+    scored = preprocessing_candidates(run.model, images[check], labels[check], run.preprocessing)
+    used = scored[0]
+    best = max(scored[1:], key=lambda candidate: candidate[1], default=used)
+    classes = run.splits.num_classes
+    chance = 1.0 / classes
+    if best[1] >= used[1] + PREPROCESSING_GAIN:
+        run.warn(
+            f"the original scores {used[1]:.1%} on {run.job.dataset} test with {used[0]}, but {best[1]:.1%} with "
+            f"{best[0]}: the preprocessing is probably wrong (pass --mean/--std as the model was trained)"
+        )
+    elif used[1] <= CHANCE_FACTOR * chance:
+        run.warn(
+            f"the original scores {used[1]:.1%} on {run.job.dataset} test, near chance ({chance:.1%}), with a head "
+            f"that already has its {classes} classes: the preprocessing (--mean/--std, --interpolation) or the "
+            "label order is probably wrong"
+        )
 
-    finetune_summary = None
-    if job.finetune:
-        checkpoint = out / CHECKPOINT_FILE
-        extra = {"identity": identity, "metrics": metrics, "curvatures": curvatures, "conversion": conversion,
-                 "batchnorm_statistics": bn_statistics}
-        start = time.perf_counter()
-        try:
-            result = finetune(
-                converted, splits.train, splits.test, job.training, checkpoint_path=checkpoint, resume=resume_state,
-                device=device, console=console, extra_state=extra, distributed=distributed,
+
+def _calibration_data(run: Run) -> CalibrationData | None:
+    """Train images to calibrate on and test images to measure fidelity on; without a dataset,
+    inputs synthesised from the model's BatchNorm statistics (or nothing, for a model without them)."""
+    job = run.job
+    if run.splits is not None:
+        images, _ = _examples(run.splits.calibration_pool, job.calibration_examples, job.seed)
+        return CalibrationData(
+            (images,), (run.fidelity_inputs[0],), f"{job.dataset} train", held_out_source=f"{job.dataset} test"
+        )
+    if not can_synthesize(run.model):
+        return None
+    text = "synthesise calibration inputs from BatchNorm statistics"
+    with run.step(text, "synthesize"), _progress_bar(run.console, text) as progress:
+        return synthetic_calibration_data(run.model.to(run.device), run.input_size, job.seed, progress)
+
+
+def _convert(run: Run) -> None:
+    job = run.job
+    if run.resume_state is not None:
+        with run.step("convert", "convert"):
+            run.converted = convert_with_options(run.model, None, ConvertOptions(beta=1.0, estimate_norms=False))
+        run.conversion = run.resume_state["conversion"]
+        return
+    data = _calibration_data(run)
+    options = ConvertOptions(
+        beta=job.beta, logit_tolerance=job.logit_tolerance, min_agreement=job.min_agreement, input_size=run.input_size,
+        seed=job.seed,
+    )  # fmt: skip
+    with run.step("convert", "convert"):
+        torch.manual_seed(job.seed)  # every rank converts to the same model
+        if data is not None:
+            data = CalibrationData(
+                tuple(t.to(run.device) for t in data.calibration),
+                None if data.held_out is None else tuple(t.to(run.device) for t in data.held_out),
+                data.source, data.synthetic, data.held_out_source,
             )  # fmt: skip
+        try:
+            run.converted = convert_with_options(run.model.to(run.device), data, options)
         except RuntimeError as error:
-            if distributed is None:
-                raise
-            # A rank that fails leaves the others' collectives broken; say what happened in one line.
+            height, width = run.input_size[1:]
             raise LcnnError(
-                f"fine-tuning stopped: another rank failed or left the job ({first_line(error, 120)}); "
-                "the last good checkpoint is kept"
+                f"{run.spec} does not run at {height}x{width} ({first_line(error)}); try another --image-size"
             ) from error
-        if not is_main:
-            return None
-        timings["finetune"] = round(time.perf_counter() - start, 3)
-        finetune_summary = result.summary()
-        if distributed is not None:
-            finetune_summary["distributed"] = {
-                "world_size": distributed.world_size, "backend": distributed.backend,
-                "batch_per_rank": job.training.batch_size // distributed.world_size,
-            }  # fmt: skip
-        with _step(console, "measure the fine-tuned model", timings, "measure_finetuned"):
-            metrics["finetuned"], curvatures["finetuned"] = measure(converted.to(device), splits, job.eval_examples)
+    report = run.converted.conversion_report
+    run.conversion = report.to_dict()
+    fidelity = report.fidelity
+    if fidelity is None:
+        run.warn("fidelity not measured: no data and no BatchNorm statistics; pass --calibrate DATASET")
+    elif fidelity.synthetic:
+        run.warn(
+            f"fidelity ({fidelity.top1_agreement:.1%} top-1 agreement) was measured on synthetic inputs only; "
+            "pass --calibrate DATASET to calibrate and measure it on real images"
+        )
 
-    converted = converted.cpu().eval()
-    with _step(console, "save weights", timings, "save"):
-        save(converted, out, spec)
-    shaped = torch.randn((2, channels, height, width), generator=torch.Generator().manual_seed(job.seed))
-    with _step(console, f"export ONNX (opset {job.opset})", timings, "export"):
-        export_onnx(converted, out / ONNX_FILE, calibration[:2] if calibration is not None else shaped, opset=job.opset)
-    with _step(console, "verify in onnxruntime", timings, "verify"):
-        real = _first_examples(splits.test, 32) if splits is not None else None
-        parity = verify_onnx(converted, out / ONNX_FILE, real, atol=job.atol, seed=job.seed + 1)
+
+def _finetune(run: Run) -> None:
+    job = run.job
+    extra = {
+        "identity": run.conversion.pop("identity", None), "metrics": run.metrics, "curvatures": run.curvatures,
+        "conversion": run.conversion, "batchnorm_statistics": run.bn_statistics,
+    }  # fmt: skip
+    start = time.perf_counter()
+    try:
+        run.finetune_result = finetune(
+            run.converted, run.splits.train, run.splits.test, job.training, checkpoint_path=run.out / CHECKPOINT_FILE,
+            resume=run.resume_state, device=run.device, console=run.console, extra_state=extra,
+            distributed=run.distributed,
+        )  # fmt: skip
+    except RuntimeError as error:
+        if run.distributed is None:
+            raise
+        # A rank that fails leaves the others' collectives broken; say what happened in one line.
+        raise LcnnError(
+            f"fine-tuning stopped: another rank failed or left the job ({first_line(error, 120)}); "
+            "the last good checkpoint is kept"
+        ) from error
+    if not run.is_main:
+        return
+    run.timings["finetune"] = round(time.perf_counter() - start, 3)
+    with run.step("measure the fine-tuned model", "measure_finetuned"):
+        run.metrics["finetuned"], run.curvatures["finetuned"] = measure(
+            run.converted.to(run.device), run.splits, job.eval_examples
+        )
+        run.finetune_fidelity = measure_fidelity(
+            run.model, run.converted, run.fidelity_inputs[0], f"{job.dataset} test"
+        )
+
+
+def _export_and_verify(run: Run) -> None:
+    job = run.job
+    run.converted = run.converted.cpu().eval()
+    shaped = torch.randn((2, *run.input_size), generator=torch.Generator().manual_seed(job.seed))
+    with run.step("save weights", "save"):
+        save(run.converted, run.out, run.spec)
+    with run.step(f"export ONNX (opset {job.opset})", "export"):
+        export_onnx(run.converted, run.out / ONNX_FILE, shaped, opset=job.opset)
+    with run.step("verify in onnxruntime", "verify"):
+        real = run.fidelity_inputs[0][:PARITY_EXAMPLES] if run.fidelity_inputs is not None else None
+        run.parity = verify_onnx(run.converted, run.out / ONNX_FILE, real, atol=job.atol, seed=job.seed + 1)
+
+
+def _report(run: Run) -> RunReport:
+    from .measure import measurement_protocol
+
+    job, out = run.job, run.out
     files = {"onnx": ONNX_FILE, "weights": WEIGHTS_FILE, "report": REPORT_FILE}
     if external_data_path(out / ONNX_FILE).is_file():
         files["onnx_data"] = external_data_path(ONNX_FILE).name
-    if curvatures:
+    finetune_summary = None
+    if run.curvatures:
         from .plots import plot_curvature, plot_training
 
-        plot_curvature(curvatures, out / CURVATURE_PLOT)
+        plot_curvature(run.curvatures, out / CURVATURE_PLOT)
         files["curvature_plot"] = CURVATURE_PLOT
-        if finetune_summary is not None:
-            plot_training(result.step_log, finetune_summary["history"], out / TRAINING_PLOT)
-            files["training_plot"] = TRAINING_PLOT
-            files["checkpoint"] = CHECKPOINT_FILE
-    report = {
-        "model": job.model,
-        "source": spec.source,
-        "name": spec.name,
-        "num_classes": _classes(converted),
-        "input_size": [channels, height, width],
-        "pretrained": job.pretrained and job.weights is None,
-        "weights": str(job.weights) if job.weights else None,
-        "dataset": job.dataset,
-        "conversion": conversion,
-        "batchnorm_statistics": bn_statistics,
-        "parity": parity.to_dict(),
-        "files": files,
-        "timings_s": timings,
-        "lcnn_convert_version": __version__,
-    }
-    if metrics:
-        report["metrics"] = metrics
-        report["measurement"] = {
-            "examples": job.eval_examples,
-            "curvature": "power iteration (10 steps) on input Hessian-vector products of the cross-entropy",
-            "relu_models": "measured through a softplus(beta=1000) stand-in for ReLU, as the LCNN paper's baselines",
-            "pgd": "L2 eps 0.5 and Linf eps 8/255 in [0,1] pixel space, 10 steps, step 2.5*eps/steps, random start",
-        }
-    if finetune_summary is not None:
-        report["finetune"] = {**finetune_summary, "config": asdict(job.training)}
-    if job.beta == "auto" and splits is not None:
-        report["conversion"]["beta"]["calibration_data"] = f"{job.dataset} train"
-    write_report(out / REPORT_FILE, report)
-    report["output_dir"] = str(out)
+    if run.finetune_result is not None:
+        from .plots import plot_training
+
+        finetune_summary = run.finetune_result.summary()
+        plot_training(run.finetune_result.step_log, finetune_summary["history"], out / TRAINING_PLOT)
+        files["training_plot"] = TRAINING_PLOT
+        files["checkpoint"] = CHECKPOINT_FILE
+        if run.distributed is not None:
+            finetune_summary["distributed"] = {
+                "world_size": run.distributed.world_size, "backend": run.distributed.backend,
+                "batch_per_rank": job.training.batch_size // run.distributed.world_size,
+            }  # fmt: skip
+        finetune_summary["fidelity"] = run.finetune_fidelity.to_dict() if run.finetune_fidelity else None
+        finetune_summary["config"] = asdict(job.training)
+    run.conversion.pop("identity", None)
+    fidelity = run.conversion.get("fidelity")
+    report = RunReport(
+        model=job.model,
+        source=run.spec.source,
+        name=run.spec.name,
+        num_classes=_classes(run.converted),
+        input_size=list(run.input_size),
+        pretrained=job.pretrained and job.weights is None,
+        weights=str(job.weights) if job.weights else None,
+        dataset=job.dataset,
+        preprocessing=run.preprocessing,
+        conversion=run.conversion,
+        fidelity=Fidelity(**fidelity) if fidelity else None,
+        fidelity_gate=FidelityGate(job.min_agreement, gated=fidelity is not None and not fidelity["synthetic"]
+                                   and not job.finetune),
+        batchnorm_statistics=run.bn_statistics,
+        parity=run.parity,
+        files=files,
+        timings_s=run.timings,
+        metrics=run.metrics or None,
+        measurement={"examples": job.eval_examples, **measurement_protocol()} if run.metrics else None,
+        finetune=finetune_summary,
+        warnings=run.warnings,
+        lcnn_convert_version=__version__,
+    )
+    write_report(out / REPORT_FILE, report.to_dict())
+    report.output_dir = str(out)
     return report
 
 

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
 from .io import atomic_file
+
+if TYPE_CHECKING:
+    from .fidelity import Fidelity
+    from .preprocessing import Preprocessing
+    from .verify import ParityResult
 
 MAX_SKIPPED_SHOWN = 8
 
@@ -31,6 +37,94 @@ def write_report(path: str | Path, report: dict[str, Any]) -> Path:
     with atomic_file(path) as temporary:
         temporary.write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
     return path
+
+
+@dataclass(frozen=True)
+class FidelityGate:
+    """The least top-1 agreement with the original a run accepts. ``gated`` is False where a shortfall
+    only warns: fidelity measured on synthetic inputs, or a fine-tuning run (whose model is meant
+    to move away from the original)."""
+
+    min_agreement: float
+    gated: bool
+
+
+@dataclass
+class RunReport:
+    """Everything one ``lcnn-convert`` run did and measured; report.json is ``to_dict()``."""
+
+    model: str
+    source: str
+    name: str
+    num_classes: int | None
+    input_size: list[int]
+    pretrained: bool
+    weights: str | None
+    dataset: str | None
+    preprocessing: Preprocessing | None
+    conversion: dict[str, Any]  # ConversionReport.to_dict(), as a fine-tuning checkpoint keeps it
+    fidelity: Fidelity | None
+    fidelity_gate: FidelityGate
+    batchnorm_statistics: str | None
+    parity: ParityResult
+    files: dict[str, str]
+    timings_s: dict[str, float]
+    lcnn_convert_version: str
+    metrics: dict[str, dict[str, Any]] | None = None
+    measurement: dict[str, Any] | None = None
+    finetune: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    output_dir: str | None = None
+
+    @property
+    def fidelity_passed(self) -> bool | None:
+        if self.fidelity is None:
+            return None
+        return self.fidelity.holds(self.fidelity_gate.min_agreement)
+
+    def failures(self) -> list[str]:
+        """One line per failed gate: ONNX parity, then fidelity where it is gated."""
+        lines = []
+        if not self.parity.passed:
+            lines.append(f"{self.parity.failure()}; outputs kept for inspection")
+        if self.fidelity is not None and self.fidelity_gate.gated and not self.fidelity_passed:
+            lines.append(f"{self.fidelity.failure(self.fidelity_gate.min_agreement)}; outputs kept for inspection")
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        fidelity = None
+        if self.fidelity is not None:
+            fidelity = {
+                **self.fidelity.to_dict(), "min_agreement": self.fidelity_gate.min_agreement,
+                "gated": self.fidelity_gate.gated, "passed": self.fidelity_passed,
+            }  # fmt: skip
+        report: dict[str, Any] = {
+            "model": self.model,
+            "source": self.source,
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "input_size": self.input_size,
+            "pretrained": self.pretrained,
+            "weights": self.weights,
+            "dataset": self.dataset,
+            "preprocessing": None if self.preprocessing is None else self.preprocessing.to_dict(),
+            "conversion": self.conversion,
+            "fidelity": fidelity,
+            "batchnorm_statistics": self.batchnorm_statistics,
+            "parity": self.parity.to_dict(),
+            "files": self.files,
+            "timings_s": self.timings_s,
+            "warnings": list(self.warnings),
+            "lcnn_convert_version": self.lcnn_convert_version,
+        }
+        if self.metrics:
+            report["metrics"] = self.metrics
+            report["measurement"] = self.measurement
+        if self.finetune is not None:
+            report["finetune"] = self.finetune
+        if self.output_dir is not None:
+            report["output_dir"] = self.output_dir
+        return report
 
 
 def _number(value: float | None, digits: int = 4) -> str:
@@ -83,11 +177,11 @@ def metrics_table(metrics: dict[str, dict[str, Any]], finetune: dict[str, Any] |
     return table
 
 
-def print_report(report: dict[str, Any], console: Console | None = None) -> None:
-    """Print the conversion, parity and skipped-call sections of a report as tables."""
+def print_report(report: RunReport, console: Console | None = None) -> None:
+    """Print the conversion, fidelity, parity and skipped-call sections of a run as tables."""
     console = console or Console()
-    conversion = report["conversion"]
-    table = Table(title=f"lcnn-convert: {report['model']} ({report['source']})", show_header=False)
+    conversion = report.conversion
+    table = Table(title=f"lcnn-convert: {report.model} ({report.source})", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
     table.add_row("method", conversion["method"])
@@ -97,25 +191,45 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     table.add_row("left as is", str(len(conversion["skipped"])))
     beta = conversion.get("beta", {})
     if "mean" in beta:
-        table.add_row("beta (mean, min–max)", f"{beta['mean']:.3g} ({beta['min']:.3g}–{beta['max']:.3g}), {beta['mode']}")
+        where = f", on {beta['calibration_data']}" if beta.get("calibration_data") else ""
+        table.add_row(
+            "beta (mean, min–max)", f"{beta['mean']:.3g} ({beta['min']:.3g}–{beta['max']:.3g}), {beta['mode']}{where}"
+        )
     table.add_row("curvature bound (data-free)", _number(conversion["curvature_bound"]))
     for note in conversion.get("bound_notes", []):
         table.add_row("", f"[dim]{note}[/dim]")
-    if report.get("batchnorm_statistics"):
-        table.add_row("BatchNorm statistics", report["batchnorm_statistics"])
+    if report.preprocessing is not None:
+        table.add_row("preprocessing", f"{report.preprocessing.describe()} ({report.preprocessing.source})")
+    if report.batchnorm_statistics:
+        table.add_row("BatchNorm statistics", report.batchnorm_statistics)
     for note in conversion.get("notes", []):
         table.add_row("note", f"[yellow]{note}[/yellow]")
-    parity = report.get("parity")
-    if parity:
-        verdict = "[green]passed[/green]" if parity["passed"] else "[red]FAILED[/red]"
-        table.add_row("ONNX parity", verdict)
-        table.add_row("  max abs diff", f"{_number(parity['max_abs_diff'], 3)} (atol {parity['atol']:g})")
-        table.add_row("  max rel diff", _number(parity["max_rel_diff"], 3))
-        ties = f", {parity['near_ties']} near-ties set apart" if parity.get("near_ties") else ""
-        table.add_row("  top-1 agreement", f"{parity['top1_agreement']:.2%} over {parity['num_inputs']} inputs{ties}")
+    fidelity = report.fidelity
+    if fidelity is None:
+        table.add_row("fidelity to the original", "[yellow]not measured[/yellow]")
+    else:
+        gate = report.fidelity_gate
+        if report.fidelity_passed:
+            verdict = "[green]passed[/green]"
+        else:
+            verdict = "[red]FAILED[/red]" if gate.gated else "[yellow]below the gate (warning only)[/yellow]"
+        table.add_row("fidelity to the original", f"{verdict} (gate {gate.min_agreement:.0%} top-1 agreement)")
+        table.add_row("  top-1 agreement", f"{fidelity.top1_agreement:.2%} over {fidelity.num_inputs} inputs ({fidelity.source})")
+        table.add_row(
+            "  relative logit error",
+            f"mean {_number(fidelity.mean_relative_logit_error, 3)}, max {_number(fidelity.max_relative_logit_error, 3)}",
+        )
+        table.add_row("  KL(original ‖ converted)", _number(fidelity.kl_mean, 3))
+    parity = report.parity
+    verdict = "[green]passed[/green]" if parity.passed else "[red]FAILED[/red]"
+    table.add_row("ONNX parity", verdict)
+    table.add_row("  max abs diff", f"{_number(parity.max_abs_diff, 3)} (atol {parity.atol:g})")
+    table.add_row("  max rel diff", _number(parity.max_rel_diff, 3))
+    ties = f", {parity.near_ties} near-ties set apart" if parity.near_ties else ""
+    table.add_row("  top-1 agreement", f"{parity.top1_agreement:.2%} over {parity.num_inputs} inputs{ties}")
     console.print(table)
-    if report.get("metrics"):
-        console.print(metrics_table(report["metrics"], report.get("finetune")))
+    if report.metrics:
+        console.print(metrics_table(report.metrics, report.finetune))
     skipped = conversion["skipped"]
     if skipped:
         kept = Table(title="left as is", show_lines=False)

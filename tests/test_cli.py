@@ -83,7 +83,9 @@ def test_help_explains_the_main_form():
     assert result.returncode == 0 and "lcnn-convert MODEL [OPTIONS]" in result.stdout
     result = run_console_script("convert", "--help")
     assert result.returncode == 0
-    for option in ("--weights", "--no-pretrained", "--num-classes", "--beta", "--image-size", "--output", "--overwrite", "--opset", "--device"):
+    for option in ("--weights", "--no-pretrained", "--num-classes", "--beta", "--image-size", "--output", "--overwrite",
+                   "--opset", "--device", "--calibrate", "--calibration-examples", "--min-agreement", "--mean", "--std",
+                   "--interpolation"):  # fmt: skip
         assert option in result.stdout
 
 
@@ -122,6 +124,14 @@ BAD_INPUTS = {
     "old opset": (["resnet18", "--no-pretrained", "--opset", "11"], ["--opset must be >= 17"]),
     "pretrained offline": (["resnet18", "--num-classes", "10"], ["--weights", "--no-pretrained"]),
     "unknown option": (["resnet18", "--frobnicate"], ["No such option"]),
+    "mean of two values": (["resnet18", "--no-pretrained", "--mean", "0.5", "0.5"], ["--mean"]),
+    "zero std": (["resnet18", "--no-pretrained", "--std", "0", "1", "1"], ["--std values must be > 0"]),
+    "unknown interpolation": (["resnet18", "--no-pretrained", "--interpolation", "cubic"], ["--interpolation must be one of"]),
+    "two datasets": (["resnet18", "--no-pretrained", "--calibrate", "digits", "--eval", "svhn"], ["name different datasets"]),
+    "agreement above 1": (["resnet18", "--no-pretrained", "--min-agreement", "2"], ["--min-agreement must lie in [0, 1]"]),
+    "one calibration example": (["resnet18", "--no-pretrained", "--calibration-examples", "1"], ["--calibration-examples must be >= 2"]),
+    "zero logit tolerance": (["resnet18", "--no-pretrained", "--logit-tolerance", "0"], ["--logit-tolerance must lie in (0, 1)"]),
+    "unknown calibration dataset": (["resnet18", "--no-pretrained", "--calibrate", "mnist"], ["unknown dataset 'mnist'"]),
 }
 
 

@@ -66,10 +66,12 @@ class CalibrationData:
     held_out: tuple[torch.Tensor, ...] | None
     source: str
     synthetic: bool = False
+    held_out_source: str | None = None  # e.g. "digits test"; default: the held-out part of ``source``
 
-    @property
-    def fidelity_source(self) -> str:
-        return f"{self.source} (held-out part)" if self.held_out is not None else f"{self.source} (calibration set itself)"
+    def fidelity_source(self, calibrated: bool) -> str:
+        if self.held_out is None:
+            return f"{self.source} (calibration set itself)" if calibrated else self.source
+        return self.held_out_source or f"{self.source} (held-out part)"
 
 
 def split_examples(example: tuple[torch.Tensor, ...], source: str, synthetic: bool = False) -> CalibrationData:
@@ -257,7 +259,7 @@ def _fidelity(
     """The converted model against the original on the held-out inputs (or, without any, the calibration ones,
     whose ``reference`` logits are known already)."""
     inputs = data.held_out if data.held_out is not None else data.calibration
-    source = data.fidelity_source if calibrated else data.source
+    source = data.fidelity_source(calibrated)
     reference = reference if data.held_out is None else None
     if len(inputs) != 1:  # several model inputs: logits_of batches a single tensor
         with torch.no_grad():

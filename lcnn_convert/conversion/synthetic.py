@@ -88,7 +88,7 @@ def synthesize_inputs(
             inputs.grad = gradient
             optimizer.step()
             if progress is not None:
-                progress(step + 1, steps, float(loss))
+                progress(step + 1, steps, float(loss.detach()))
     finally:
         for handle in handles:
             handle.remove()
