@@ -51,7 +51,7 @@ from .models import (
 )
 from .preprocessing import Preprocessing, check_overrides, preprocessing_candidates, preprocessing_for
 from .report import FidelityGate, RunReport, write_report
-from .verify import DEFAULT_ATOL, verify_onnx
+from .verify import DEFAULT_ATOL, ParityResult, verify_onnx
 
 CALIBRATION_EXAMPLES = 256
 # Test images the converted model is compared with the original on (all of a smaller test split).
@@ -166,9 +166,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 @contextlib.contextmanager
-def _step(console: Console, text: str, timings: dict[str, float], key: str) -> Iterator[None]:
+def _step(console: Console, text: str, timings: dict[str, float], key: str, spinner: bool = True) -> Iterator[None]:
+    """Time a stage and tick it off; ``spinner=False`` for a stage that shows a progress bar of its own
+    (rich shows one live display at a time)."""
     start = time.perf_counter()
-    with console.status(f"{text}…"):
+    with console.status(f"{text}…") if spinner else contextlib.nullcontext():
         yield
     timings[key] = round(time.perf_counter() - start, 3)
     console.print(f"[green]✓[/green] {text} [dim]({timings[key]:.1f}s)[/dim]")
@@ -311,6 +313,7 @@ class Run:
     preprocessing: Preprocessing | None = None
     splits: Any = None  # DatasetSplits when a dataset was named
     head_reset: bool = False
+    identity: dict[str, Any] = field(default_factory=dict)  # the settings a --resume must match
     bn_statistics: str | None = None
     input_size: tuple[int, int, int] = (3, 224, 224)
     fidelity_inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # held-out test images and labels
@@ -320,13 +323,14 @@ class Run:
     conversion: dict[str, Any] = field(default_factory=dict)
     finetune_result: Any = None
     finetune_fidelity: Fidelity | None = None
+    parity: ParityResult | None = None
 
     @property
     def is_main(self) -> bool:
         return self.distributed is None or self.distributed.is_main
 
-    def step(self, text: str, key: str):
-        return _step(self.console, text, self.timings, key)
+    def step(self, text: str, key: str, spinner: bool = True):
+        return _step(self.console, text, self.timings, key, spinner)
 
     def warn(self, text: str) -> None:
         self.warnings.append(text)
@@ -416,7 +420,7 @@ def _check_identity(run: Run) -> None:
         "model": job.model, "dataset": job.dataset, "num_classes": _classes(run.model), "seed": job.seed,
         "batch_size": job.training.batch_size,
     }  # fmt: skip
-    run.conversion["identity"] = identity
+    run.identity = identity
     if run.resume_state is not None:
         _check_resumable(run.resume_state, identity, run.out)
     elif run.workdir is not None:
@@ -459,7 +463,7 @@ def _calibration_data(run: Run) -> CalibrationData | None:
     if not can_synthesize(run.model):
         return None
     text = "synthesise calibration inputs from BatchNorm statistics"
-    with run.step(text, "synthesize"), _progress_bar(run.console, text) as progress:
+    with run.step(text, "synthesize", spinner=False), _progress_bar(run.console, text) as progress:
         return synthetic_calibration_data(run.model.to(run.device), run.input_size, job.seed, progress)
 
 
@@ -505,7 +509,7 @@ def _convert(run: Run) -> None:
 def _finetune(run: Run) -> None:
     job = run.job
     extra = {
-        "identity": run.conversion.pop("identity", None), "metrics": run.metrics, "curvatures": run.curvatures,
+        "identity": run.identity, "metrics": run.metrics, "curvatures": run.curvatures,
         "conversion": run.conversion, "batchnorm_statistics": run.bn_statistics,
     }  # fmt: skip
     start = time.perf_counter()
@@ -556,14 +560,12 @@ def _report(run: Run) -> RunReport:
     if external_data_path(out / ONNX_FILE).is_file():
         files["onnx_data"] = external_data_path(ONNX_FILE).name
     finetune_summary = None
-    if run.curvatures:
-        from .plots import plot_curvature, plot_training
+    from .plots import plot_curvature, plot_training
 
+    if run.curvatures:
         plot_curvature(run.curvatures, out / CURVATURE_PLOT)
         files["curvature_plot"] = CURVATURE_PLOT
     if run.finetune_result is not None:
-        from .plots import plot_training
-
         finetune_summary = run.finetune_result.summary()
         plot_training(run.finetune_result.step_log, finetune_summary["history"], out / TRAINING_PLOT)
         files["training_plot"] = TRAINING_PLOT
@@ -575,7 +577,6 @@ def _report(run: Run) -> RunReport:
             }  # fmt: skip
         finetune_summary["fidelity"] = run.finetune_fidelity.to_dict() if run.finetune_fidelity else None
         finetune_summary["config"] = asdict(job.training)
-    run.conversion.pop("identity", None)
     fidelity = run.conversion.get("fidelity")
     report = RunReport(
         model=job.model,

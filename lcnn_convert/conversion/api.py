@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -146,6 +146,8 @@ def convert(
     example = _as_tuple(example_inputs)
     held_out = _as_tuple(held_out_inputs)
     data = None
+    if example is None and held_out is not None:
+        raise LcnnError("held_out_inputs are compared after calibrating on example_inputs; pass those too")
     if example is not None and held_out is not None:
         data = CalibrationData(example, held_out, USER_DATA)
     elif example is not None and beta == "auto":
@@ -156,7 +158,10 @@ def convert(
 
 
 def synthetic_calibration_data(
-    model: nn.Module, input_size: Sequence[int] | None = None, seed: int = 0, progress=None
+    model: nn.Module,
+    input_size: Sequence[int] | None = None,
+    seed: int = 0,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> CalibrationData:
     """SYNTHETIC_EXAMPLES inputs synthesised from ``model``'s BatchNorm statistics, a quarter held out."""
     size = input_size or data_config(model)["input_size"]
