@@ -220,6 +220,13 @@ def print_report(report: RunReport, console: Console | None = None) -> None:
             f"mean {_number(fidelity.mean_relative_logit_error, 3)}, max {_number(fidelity.max_relative_logit_error, 3)}",
         )
         table.add_row("  KL(original ‖ converted)", _number(fidelity.kl_mean, 3))
+    tuned = (report.finetune or {}).get("fidelity")
+    if tuned:
+        table.add_row(
+            "  after fine-tuning (not gated)",
+            f"{tuned['top1_agreement']:.2%} top-1 agreement, mean relative logit error "
+            f"{_number(tuned['mean_relative_logit_error'], 3)}",
+        )
     parity = report.parity
     verdict = "[green]passed[/green]" if parity.passed else "[red]FAILED[/red]"
     table.add_row("ONNX parity", verdict)
