@@ -11,7 +11,6 @@ import difflib
 import logging
 import pickle
 import re
-import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -171,13 +170,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise LcnnError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             loaded: Any = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as error:
-            raise LcnnError(f"cannot read weights file {path}: not a valid safetensors file ({error})") from error
+        except Exception as error:  # noqa: BLE001 - a damaged file can fail in any way inside the reader
+            raise LcnnError(
+                f"cannot read weights file {path}: not a valid safetensors file ({first_line(error, 120)})"
+            ) from error
     else:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -189,7 +189,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 f"refusing to load {path}: it would import {forbidden.group(1)}, and checkpoints are only read "
                 "with weights_only=True; re-save it as a plain state dict or .safetensors"
             ) from error
-        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        except Exception as error:  # noqa: BLE001 - garbage bytes can break the unpickler in any way (IndexError, KeyError, ...)
             raise LcnnError(
                 f"cannot read weights file {path}: not a PyTorch checkpoint ({first_line(error, 120)})"
             ) from error

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import random
 
 import pytest
 import torch
@@ -85,13 +85,25 @@ def test_missing_and_corrupt_weights(tmp_path):
     with pytest.raises(LcnnError, match="not found"):
         read_state_dict(tmp_path / "nope.pth")
     corrupt = tmp_path / "corrupt.pth"
-    corrupt.write_bytes(os.urandom(1000))
-    with pytest.raises(LcnnError, match="not a PyTorch checkpoint"):
-        read_state_dict(corrupt)
+    # Random bytes break the unpickler in many ways (IndexError, KeyError, EOFError, ...): try many.
+    generator = random.Random(0)
+    for size in [1, 2, 7, 100, 1000] * 40:
+        corrupt.write_bytes(generator.randbytes(size))
+        with pytest.raises(LcnnError, match="not a PyTorch checkpoint"):
+            read_state_dict(corrupt)
+    for prefix in [b"\x80\x02", b"PK\x03\x04"]:
+        for _ in range(50):
+            corrupt.write_bytes(prefix + generator.randbytes(200))
+            with pytest.raises(LcnnError, match="not a PyTorch checkpoint"):
+                read_state_dict(corrupt)
     corrupt_safetensors = tmp_path / "corrupt.safetensors"
     corrupt_safetensors.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(LcnnError, match="not a valid safetensors"):
         read_state_dict(corrupt_safetensors)
+    for size in [3, 8, 9, 100, 1000] * 20:
+        corrupt_safetensors.write_bytes(generator.randbytes(size))
+        with pytest.raises(LcnnError, match="not a valid safetensors"):
+            read_state_dict(corrupt_safetensors)
     not_a_dict = tmp_path / "tensor.pth"
     torch.save(torch.zeros(3), not_a_dict)
     with pytest.raises(LcnnError, match="state dict"):
