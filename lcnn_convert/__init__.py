@@ -1,40 +1,68 @@
 """lcnn_convert: turn pretrained CNNs into low-curvature networks, export them, prove parity.
 
 Pipeline: load_model -> convert -> fine-tune -> export_onnx -> verify_onnx -> measure/report.
+
+The names below are imported on first use, so that ``import lcnn_convert`` (and the command
+line's ``--help`` and usage errors) do not pay for importing torch, torchvision, timm and onnx.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from . import measure
-from .artifacts import load
-from .bn_statistics import recalibrate_batchnorm
-from .conversion import DEFAULT_RULES, ConversionReport, ReplacementRule, RuleContext, convert
-from .errors import LcnnError
-from .export import export_onnx
-from .layers import CenteredSoftplus, LipschitzBatchNorm, LipschitzBatchNormAct, NormalizedConv, NormalizedLinear
-from .measure import adversarial_accuracy, estimate_curvature
-from .models import load_model
-from .verify import ParityResult, verify_onnx
+# public name -> the module that defines it
+_EXPORTS = {
+    "DEFAULT_RULES": ".conversion",
+    "ConversionReport": ".conversion",
+    "ReplacementRule": ".conversion",
+    "RuleContext": ".conversion",
+    "convert": ".conversion",
+    "CenteredSoftplus": ".layers",
+    "LipschitzBatchNorm": ".layers",
+    "LipschitzBatchNormAct": ".layers",
+    "NormalizedConv": ".layers",
+    "NormalizedLinear": ".layers",
+    "LcnnError": ".errors",
+    "ParityResult": ".verify",
+    "adversarial_accuracy": ".measure",
+    "estimate_curvature": ".measure",
+    "export_onnx": ".export",
+    "load": ".artifacts",
+    "load_model": ".models",
+    "recalibrate_batchnorm": ".bn_statistics",
+    "verify_onnx": ".verify",
+}
+_SUBMODULES = {"measure"}
 
-__all__ = [
-    "DEFAULT_RULES",
-    "CenteredSoftplus",
-    "ConversionReport",
-    "LcnnError",
-    "LipschitzBatchNorm",
-    "LipschitzBatchNormAct",
-    "NormalizedConv",
-    "NormalizedLinear",
-    "ParityResult",
-    "ReplacementRule",
-    "RuleContext",
-    "adversarial_accuracy",
-    "convert",
-    "estimate_curvature",
-    "export_onnx",
-    "load",
-    "load_model",
-    "measure",
-    "recalibrate_batchnorm",
-    "verify_onnx",
-]
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        value: Any = importlib.import_module(f".{name}", __name__)
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:
+    from . import measure
+    from .artifacts import load
+    from .bn_statistics import recalibrate_batchnorm
+    from .conversion import DEFAULT_RULES, ConversionReport, ReplacementRule, RuleContext, convert
+    from .errors import LcnnError
+    from .export import export_onnx
+    from .layers import CenteredSoftplus, LipschitzBatchNorm, LipschitzBatchNormAct, NormalizedConv, NormalizedLinear
+    from .measure import adversarial_accuracy, estimate_curvature
+    from .models import load_model
+    from .verify import ParityResult, verify_onnx

@@ -8,7 +8,9 @@ without estimating anything, and loads the saved tensors strictly. No pickle is 
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,45 @@ def save(model: nn.Module, directory: str | Path, spec: ModelSpec, replace_activ
     return path
 
 
+def checksum(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def checksums(directory: str | Path, names: Iterable[str]) -> dict[str, str]:
+    """What report.json records of the files written beside it."""
+    return {name: checksum(Path(directory) / name) for name in sorted(names) if name != REPORT_FILE}
+
+
+def check_files(directory: str | Path) -> None:
+    """Raise unless ``directory`` holds a readable report.json and every file it lists, unchanged."""
+    directory = Path(directory)
+    report_path = directory / REPORT_FILE
+    if not directory.is_dir():
+        raise LcnnError(f"no such output dir: {directory}")
+    try:
+        report = json.loads(report_path.read_text())
+        recorded = report["checksums"]
+        if not isinstance(recorded, dict) or not all(isinstance(value, str) for value in recorded.values()):
+            raise TypeError("checksums is not a name -> digest table")
+    except FileNotFoundError:
+        raise LcnnError(f"no {REPORT_FILE} in {directory}: not a complete lcnn-convert output") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise LcnnError(f"{report_path} is unreadable or damaged ({first_line(error, 120)})") from error
+    for name in (WEIGHTS_FILE, ONNX_FILE):
+        if name not in recorded:
+            raise LcnnError(f"{report_path} records no checksum of {name}")
+    for name, digest in sorted(recorded.items()):
+        path = directory / name
+        if not path.is_file():
+            raise LcnnError(f"{name} is missing from {directory} (report.json lists it)")
+        if checksum(path) != digest:
+            raise LcnnError(f"{path} has changed since lcnn-convert wrote it (its checksum differs from report.json's)")
+
+
 def _jsonable(value: Any) -> Any:
     try:
         return json.loads(json.dumps(value))
@@ -58,13 +99,22 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get(METADATA_KEY)
-    except (SafetensorError, OSError) as error:
-        raise LcnnError(f"cannot read {path}: not a valid safetensors file ({error})") from error
+    except Exception as error:  # noqa: BLE001 - a damaged file fails in many ways inside the reader
+        raise LcnnError(f"cannot read {path}: not a valid safetensors file ({first_line(error, 120)})") from error
     if raw is None:
         raise LcnnError(f"{path} was not written by lcnn_convert (no '{METADATA_KEY}' metadata)")
-    metadata = json.loads(raw)
+    try:
+        metadata = json.loads(raw)
+    except ValueError as error:
+        raise LcnnError(f"{path}: its '{METADATA_KEY}' metadata is damaged (not JSON: {first_line(error, 80)})") from error
+    if not isinstance(metadata, dict):
+        raise LcnnError(f"{path}: its '{METADATA_KEY}' metadata is damaged (not a JSON object)")
     if metadata.get("format") != FORMAT_VERSION:
         raise LcnnError(f"{path} has format {metadata.get('format')}; this version reads {FORMAT_VERSION}")
+    expected = {"source": str, "name": str, "num_classes": (int, type(None)), "replace_activations": bool}
+    for key, kinds in expected.items():
+        if not isinstance(metadata.get(key), kinds):
+            raise LcnnError(f"{path}: its '{METADATA_KEY}' metadata is damaged ('{key}' is missing or of the wrong type)")
     return metadata
 
 

@@ -7,15 +7,19 @@ non-zero exit.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
-from .errors import LcnnError
+from .errors import Interrupted, LcnnError, Terminated, first_line
+from .io import NO_SPACE, write_error
 
 app = typer.Typer(
     name="lcnn-convert",
@@ -34,6 +38,16 @@ COMMANDS = ("convert", "verify")
 # derive from whichever ClickException is in use.
 DATASET_NAMES = "digits, cifar10, cifar100, svhn or folder:PATH"
 CLICK_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+MAX_VERIFY_INPUTS = 10_000
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """Ctrl-C or SIGTERM before a run has claimed its output dir (typer would swallow it silently)."""
+    try:
+        yield
+    except KeyboardInterrupt as stopped:
+        raise Interrupted.from_signal(stopped, f"{Interrupted.signal_name(stopped)} before anything was written") from None
 
 
 @app.command("convert", short_help="Convert MODEL to an LCNN, export ONNX, check parity (the default).")
@@ -116,9 +130,10 @@ def convert_command(
     eval_examples: Annotated[int, typer.Option(help="Test examples for curvature and PGD.")] = 256,
 ) -> None:
     """Convert MODEL, write model.onnx, model.safetensors and report.json, and check ONNX parity."""
-    from .finetune import FinetuneConfig
-    from .pipeline import ConversionJob, parse_beta, run_conversion
-    from .report import print_report
+    with _interruptible():
+        from .finetune import FinetuneConfig
+        from .pipeline import ConversionJob, parse_beta, run_conversion
+        from .report import print_report
 
     training = FinetuneConfig(
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
@@ -131,7 +146,8 @@ def convert_command(
         min_agreement=min_agreement, logit_tolerance=logit_tolerance, mean=mean, std=std, interpolation=interpolation,
         data_dir=data_dir, resume=resume, eval_examples=eval_examples, training=training,
     )  # fmt: skip
-    report = run_conversion(job)
+    with _interruptible():
+        report = run_conversion(job)
     if report is None:  # another rank than 0 under torchrun: rank 0 writes and prints everything
         return
     if json_output:
@@ -150,15 +166,20 @@ def verify_command(
     atol: Annotated[float, typer.Option(help="Parity gate on the logits' max abs difference.")] = 1e-4,
     num_inputs: Annotated[int, typer.Option(help="Random inputs to compare on.")] = 16,
 ) -> None:
-    """Re-check an output dir: rebuild the model from model.safetensors and compare model.onnx."""
-    from .artifacts import ONNX_FILE, load
-    from .verify import verify_onnx
+    """Re-check an output dir: its files against report.json's checksums, then model.onnx against
+    the model rebuilt from model.safetensors."""
+    if not 1 <= num_inputs <= MAX_VERIFY_INPUTS:
+        raise LcnnError(f"--num-inputs must lie in [1, {MAX_VERIFY_INPUTS}], got {num_inputs}")
+    if not atol > 0:
+        raise LcnnError(f"--atol must be > 0, got {atol}")
+    with _interruptible():
+        from .artifacts import ONNX_FILE, check_files, load
+        from .verify import verify_onnx
 
-    model = load(directory)
-    onnx_path = directory / ONNX_FILE
-    if not onnx_path.is_file():
-        raise LcnnError(f"no {ONNX_FILE} in {directory}")
-    result = verify_onnx(model, onnx_path, num_random=num_inputs, atol=atol)
+        check_files(directory)
+        model = load(directory)
+        onnx_path = directory / ONNX_FILE
+        result = verify_onnx(model, onnx_path, num_random=num_inputs, atol=atol)
     print(result)
     if not result.passed:
         raise LcnnError(result.failure())
@@ -171,22 +192,54 @@ def _rank_prefix() -> str:
     return f"rank {os.environ.get('RANK', '?')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
+def _terminate(signal_number: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    return isinstance(error, MemoryError) or (torch is not None and isinstance(error, torch.OutOfMemoryError))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
     if args and args[0] not in COMMANDS and not args[0].startswith("-"):
         args.insert(0, "convert")
-    command = typer.main.get_command(app)
+    # SIGTERM (docker stop, a batch scheduler, torchrun) unwinds like Ctrl-C: partial outputs are
+    # removed, checkpoints kept, and one line says so.
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals to whoever owns them
+        previous = None
+    try:
+        command = typer.main.get_command(app)
         result = command.main(args=args, prog_name="lcnn-convert", standalone_mode=False)
+    except Interrupted as error:
+        print(f"{_rank_prefix()}{error}", file=sys.stderr)
+        return error.exit_code
     except LcnnError as error:
         print(f"error: {_rank_prefix()}{error}", file=sys.stderr)
         return 1
     except CLICK_ERROR as error:
         print(f"error: {error.format_message()} (see lcnn-convert --help)", file=sys.stderr)
         return error.exit_code or 2
-    except (typer.Abort, KeyboardInterrupt):
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except (typer.Abort, KeyboardInterrupt) as stopped:
+        name = Interrupted.signal_name(stopped) if isinstance(stopped, KeyboardInterrupt) else "interrupted"
+        print(f"{name} before anything was written", file=sys.stderr)
+        return 143 if isinstance(stopped, Terminated) else 130
+    except Exception as error:
+        # Resource exhaustion can strike anywhere; the run's own cleanup has already run.
+        if _is_out_of_memory(error):
+            print(f"error: {_rank_prefix()}out of memory ({first_line(error, 160)}); try a smaller --image-size, "
+                  "--batch-size or --eval-examples", file=sys.stderr)  # fmt: skip
+            return 1
+        if isinstance(error, OSError) and error.errno in NO_SPACE:
+            print(f"error: {_rank_prefix()}{write_error(error, error.filename or 'an output')}", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return result if isinstance(result, int) else 0
 
 

@@ -14,6 +14,7 @@ import http.client
 import os
 import pickle
 import tarfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,6 +271,70 @@ class _ReadChecked(Dataset):
             ) from error
 
 
+# Pillow's modes for 16-bit greyscale (PNG, TIFF); Image.convert("RGB") clips them to white.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def read_image(path: str) -> Image.Image:
+    """An RGB image, decoded faithfully: 16-bit greyscale is scaled to 8 bits, not clipped, and an image
+    that would decompress to more pixels than Pillow's limit (a decompression bomb) is refused."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with open(path, "rb") as handle:
+                image = Image.open(handle)
+                image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ValueError(f"refusing a decompression bomb: {first_line(error, 120)}") from None
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"{image.mode} image with values outside 16 bits: refusing to guess its range")
+        return Image.fromarray(np.round(values / 257.0).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "F":
+        raise ValueError("floating-point image (mode F): convert it to 8- or 16-bit PNG/JPEG first")
+    return image.convert("RGB")
+
+
+def _image_files(directory: str, class_to_idx: dict[str, int], extensions=None, is_valid_file=None,
+                 allow_empty: bool = False) -> list[tuple[str, int]]:  # fmt: skip
+    """ImageFolder's listing, following symlinked folders but never one already visited (a link to an
+    ancestor would otherwise list a class again and again)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    extensions = IMG_EXTENSIONS if extensions is None and is_valid_file is None else extensions
+    if is_valid_file is None:
+        def is_valid_file(path: str) -> bool:
+            return has_file_allowed_extension(path, extensions)
+
+    samples = []
+    for class_name in sorted(class_to_idx):
+        seen: set[tuple[int, int]] = set()
+        for root, folders, files in os.walk(os.path.join(directory, class_name), followlinks=True):
+            status = os.stat(root)
+            if (status.st_dev, status.st_ino) in seen:
+                folders[:] = []
+                continue
+            seen.add((status.st_dev, status.st_ino))
+            folders.sort()
+            samples += [(os.path.join(root, name), class_to_idx[class_name]) for name in sorted(files)
+                        if is_valid_file(os.path.join(root, name))]  # fmt: skip
+    if not samples and not allow_empty:
+        raise FileNotFoundError(f"no valid image files in {directory}")
+    return samples
+
+
+def _image_folder(directory: Path, transform: Callable):
+    from torchvision.datasets import ImageFolder
+
+    class _SafeImageFolder(ImageFolder):
+        @staticmethod
+        def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+            return _image_files(directory, class_to_idx, extensions, is_valid_file, allow_empty)
+
+    return _SafeImageFolder(str(directory), transform=transform, loader=read_image)
+
+
 def _splits(
     name: str,
     train: Dataset,
@@ -278,6 +343,8 @@ def _splits(
     preprocessing: _Preprocessing,
     train_unaugmented: Dataset | None = None,
 ) -> DatasetSplits:
+    if len(classes) < 2:
+        raise LcnnError(f"dataset {name} has {len(classes)} class ({', '.join(classes)}): a classifier needs at least 2")
     return DatasetSplits(
         name=name,
         train=_ReadChecked(train, "train"),
@@ -458,8 +525,6 @@ def _load_svhn(root: Path, preprocessing: _Preprocessing, download: bool) -> Dat
 
 def _load_folder(path_text: str, preprocessing: _Preprocessing) -> DatasetSplits:
     """An ImageFolder tree: PATH/train/<class>/* and PATH/val/<class>/*, with the same classes in both."""
-    from torchvision.datasets import ImageFolder
-
     if not path_text.strip():
         raise LcnnError("folder dataset needs a path: folder:PATH with PATH/train/<class>/ and PATH/val/<class>/")
     root = Path(path_text.strip()).expanduser().resolve()
@@ -471,7 +536,7 @@ def _load_folder(path_text: str, preprocessing: _Preprocessing) -> DatasetSplits
         if not split_dir.is_dir():
             raise LcnnError(f"dataset folder {root} has no {split}/ folder: expected {split_dir}/<class>/*.png|jpg")
         try:
-            splits[split] = ImageFolder(str(split_dir), transform=_pil_transform(preprocessing, None, augment, augment))
+            splits[split] = _image_folder(split_dir, _pil_transform(preprocessing, None, augment, augment))
         except FileNotFoundError as error:
             raise LcnnError(
                 f"no images found in {split_dir} ({first_line(error)}): expected {split_dir}/<class>/*.png|jpg"
@@ -484,7 +549,7 @@ def _load_folder(path_text: str, preprocessing: _Preprocessing) -> DatasetSplits
             f"dataset folder {root}: train/ and val/ must have the same class folders "
             f"(only in train: {only_train or 'none'}; only in val: {only_val or 'none'})"
         )
-    unaugmented = ImageFolder(str(root / "train"), transform=_pil_transform(preprocessing, None, False, False))
+    unaugmented = _image_folder(root / "train", _pil_transform(preprocessing, None, False, False))
     return _splits(
         f"{FOLDER_PREFIX}{root}", splits["train"], splits["val"], list(train_classes), preprocessing, unaugmented
     )

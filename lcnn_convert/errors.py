@@ -1,4 +1,8 @@
-"""The one exception type that the CLI turns into a one-line message."""
+"""The exception types that the CLI turns into a one-line message."""
+
+from __future__ import annotations
+
+import signal
 
 
 class LcnnError(Exception):
@@ -6,6 +10,28 @@ class LcnnError(Exception):
 
     The CLI prints ``error: <message>`` and exits non-zero; anything else that escapes is a bug.
     """
+
+    exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be, so that a terminated run cleans up like an interrupted one."""
+
+
+class Interrupted(LcnnError):
+    """The run was stopped by Ctrl-C or SIGTERM; the message says what was kept."""
+
+    def __init__(self, message: str, signal_number: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signal_number
+
+    @classmethod
+    def from_signal(cls, stopped: KeyboardInterrupt, message: str) -> Interrupted:
+        return cls(message, signal.SIGTERM if isinstance(stopped, Terminated) else signal.SIGINT)
+
+    @staticmethod
+    def signal_name(stopped: KeyboardInterrupt) -> str:
+        return "terminated (SIGTERM)" if isinstance(stopped, Terminated) else "interrupted (Ctrl-C)"
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:

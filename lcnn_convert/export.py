@@ -22,6 +22,8 @@ from .errors import LcnnError, first_line
 from .layers.inference import freeze_for_inference
 
 DEFAULT_OPSET = 17
+# The newest opset torch.onnx writes (onnxruntime runs it); past it the exporter silently writes another.
+MAX_OPSET = 23
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 DYNAMO_MIN_OPSET = 18
@@ -29,6 +31,18 @@ STANDARD_DOMAINS = ("", "ai.onnx")
 # A protobuf message cannot exceed 2 GiB: past this many bytes of weights the tensors go to a
 # side file (``model.onnx.data``), with margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def check_opset(opset: int) -> None:
+    if not DEFAULT_OPSET <= opset <= MAX_OPSET:
+        raise LcnnError(f"opset must lie in [{DEFAULT_OPSET}, {MAX_OPSET}] (what torch.onnx writes and onnxruntime runs), got {opset}")
+
+
+def written_opset(model: onnx.ModelProto | str | Path) -> int:
+    """The default-domain opset of an ONNX model (or file)."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    return max(entry.version for entry in model.opset_import if entry.domain in STANDARD_DOMAINS)
 
 
 def external_data_path(path: str | Path) -> Path:
@@ -132,8 +146,7 @@ def export_onnx(
     Everything is built in a scratch directory beside ``path``; the data file is moved into place
     first and the graph last, so an existing ``path`` is only ever replaced by a complete export.
     """
-    if opset < DEFAULT_OPSET:
-        raise LcnnError(f"opset must be >= {DEFAULT_OPSET}, got {opset}")
+    check_opset(opset)
     path = Path(path)
     model = copy.deepcopy(model).cpu().eval()
     if frozen:
@@ -144,6 +157,7 @@ def export_onnx(
     scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         raw, final = scratch / "exported.onnx", scratch / path.name
+        expected_opset = opset
         try:
             _export_torchscript(model, example_input, raw, opset, dynamic_batch)
         except Exception as script_error:  # the exporters raise many unrelated types
@@ -151,8 +165,9 @@ def export_onnx(
             # through torch.export; that exporter starts at opset 18.
             for leftover in scratch.iterdir():
                 leftover.unlink()
+            expected_opset = max(opset, DYNAMO_MIN_OPSET)
             try:
-                _export_dynamo(model, example_input, raw, max(opset, DYNAMO_MIN_OPSET), dynamic_batch, external)
+                _export_dynamo(model, example_input, raw, expected_opset, dynamic_batch, external)
             except Exception:
                 raise LcnnError(f"ONNX export failed: {first_line(script_error)}") from script_error
         # Re-saved so that the tensors sit in one file under our name (or inline), whatever the
@@ -169,7 +184,10 @@ def export_onnx(
             onnx.checker.check_model(str(final), full_check=True)  # by path: works past 2 GiB
         except onnx.checker.ValidationError as error:
             raise LcnnError(f"exported ONNX fails onnx.checker: {first_line(error)}") from error
-        check_standard_ops(onnx.load(str(final), load_external_data=False))
+        written = onnx.load(str(final), load_external_data=False)
+        check_standard_ops(written)
+        if written_opset(written) != expected_opset:
+            raise LcnnError(f"the ONNX exporter wrote opset {written_opset(written)} instead of {expected_opset}")
         if external:
             os.replace(scratch / data_path.name, data_path)
         os.replace(final, path)

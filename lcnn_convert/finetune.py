@@ -9,10 +9,11 @@ same state as one that was never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -187,11 +188,20 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: d
         torch.save(payload, temporary)
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "steps", "seconds", "history", "step_log")
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # corrupt zip, bad pickle data, ...
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - corrupt zip, bad pickle data, ...
         raise LcnnError(f"cannot read checkpoint {path}: {first_line(error, 160)}") from error
+    if not isinstance(state, dict):
+        raise LcnnError(f"cannot read checkpoint {path}: it holds a {type(state).__name__}, not a training checkpoint")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise LcnnError(f"cannot read checkpoint {path}: not a training checkpoint of lcnn-convert (no '{missing[0]}')")
+    return state
 
 
 def _accuracy(model: nn.Module, test: Dataset, distributed: DistributedContext | None) -> float:
@@ -231,6 +241,23 @@ def _reading(loader: DataLoader, epoch: int):
             kept = f"the last good checkpoint (epoch {epoch}) is kept" if epoch else "no checkpoint was written"
             raise LcnnError(f"epoch {epoch + 1} stopped: {first_line(error)}; {kept}") from error
         yield batch
+
+
+@contextlib.contextmanager
+def _running_statistics_for_one_example(model: nn.Module, batch: int) -> Iterator[None]:
+    """A batch of a single image has no batch statistics (BatchNorm raises on a 1x1 feature map):
+    it is normalised with the running ones instead. Batch size 1, or a last batch of one."""
+    norms = []
+    if batch == 1:
+        norms = [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, LipschitzBatchNorm))
+                 and m.training]  # fmt: skip
+    for module in norms:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module in norms:
+            module.train()
 
 
 def cross_entropy_and_grad_penalty(model: nn.Module, images, labels, lambda_grad: float):
@@ -328,7 +355,8 @@ def finetune(
                 if config.max_steps is not None and result.steps >= config.max_steps:
                     break
                 images, labels = images.to(device), labels.to(device)
-                with torch.autocast(device_type=device.type, enabled=use_amp):
+                with torch.autocast(device_type=device.type, enabled=use_amp), \
+                        _running_statistics_for_one_example(model, len(labels)):
                     cross_entropy, grad_penalty = cross_entropy_and_grad_penalty(
                         trained, images, labels, config.lambda_grad
                     )

@@ -217,7 +217,15 @@ def _head_classes_in(state: Mapping[str, torch.Tensor], spec: ModelSpec) -> tupl
     if found is None:
         return None
     key = f"{found[0]}.weight"
-    return (key, int(state[key].shape[0])) if key in state else None
+    if key not in state:
+        return None
+    weight = state[key]
+    if weight.ndim < 2 or weight.shape[0] == 0:
+        raise LcnnError(
+            f"the head weight '{key}' in the weights file has shape {list(weight.shape)}: expected [classes, features] "
+            "with at least one class"
+        )
+    return key, int(weight.shape[0])
 
 
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], origin: str) -> None:
@@ -226,6 +234,13 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], origin: st
     missing = [key for key in own if key not in state]
     unexpected = [key for key in state if key not in own]
     wrong_shape = [key for key in own if key in state and own[key].shape != state[key].shape]
+    wrong_kind = [
+        f"'{key}' is {state[key].dtype}" for key in own
+        if key in state and own[key].is_floating_point() and not state[key].is_floating_point()
+    ]  # fmt: skip
+    if wrong_kind:
+        # int8, bool or complex tensors would be cast into float parameters without a word
+        raise LcnnError(f"{origin} holds {len(wrong_kind)} non-float tensors for float parameters (e.g. {wrong_kind[0]})")
     if missing or unexpected or wrong_shape:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):

@@ -1,8 +1,9 @@
 """The whole job behind ``lcnn-convert MODEL``: load -> convert -> fine-tune -> export -> verify -> report.
 
-A plain conversion is written into a staged directory that replaces the output dir only when
-complete. A fine-tuning run works in the output dir itself, because its epoch checkpoints must
-survive an interruption; every file there is still written atomically, report.json last.
+Every run holds its output dir's lock and writes into a staging folder inside it
+(``lcnn_convert.io.OutputDirectory``); the new files replace the previous output only once they are
+complete, report.json last. A fine-tuning run's epoch checkpoints stay in the staging folder when
+it stops, for ``--resume``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from rich.console import Console
 from torch import nn
 
 from . import __version__
-from .artifacts import ONNX_FILE, REPORT_FILE, WEIGHTS_FILE, save
+from .artifacts import ONNX_FILE, REPORT_FILE, WEIGHTS_FILE, checksum, checksums, save
 from .bn_statistics import has_untrained_batchnorm, recalibrate_batchnorm
 from .conversion import CalibrationData, ConvertOptions, convert_with_options
 from .conversion.api import synthetic_calibration_data
@@ -35,11 +36,12 @@ from .distributed import (
     share_outcome,
     shutdown,
 )
-from .errors import LcnnError, first_line
-from .export import DEFAULT_OPSET, export_onnx, external_data_path
+from .errors import Interrupted, LcnnError, first_line
+from .export import DEFAULT_OPSET, DYNAMO_MIN_OPSET, check_opset, export_onnx, external_data_path, written_opset
 from .fidelity import DEFAULT_MIN_AGREEMENT, Fidelity, measure_fidelity
 from .finetune import CHECKPOINT_FILE, FinetuneConfig, finetune, load_checkpoint
-from .io import StagedDirectory, WorkingDirectory
+from .io import OutputDirectory
+from .layers.centered_softplus import BETA_MAX, BETA_MIN
 from .models import (
     ModelSpec,
     classifier_classes,
@@ -67,7 +69,9 @@ PREPROCESSING_GAIN = 0.2
 CHANCE_FACTOR = 1.5
 CURVATURE_PLOT = "curvature.png"
 TRAINING_PLOT = "training.png"
-RESUME_KEYS = ("model", "dataset", "num_classes", "seed", "batch_size")
+MAX_IMAGE_SIZE = 4096
+MAX_CLASSES = 1_000_000
+MAX_SEED = 2**32 - 1  # numpy's generators take 32-bit seeds
 
 
 @dataclass
@@ -110,12 +114,15 @@ class ConversionJob:
     def validate(self) -> None:
         if self.num_classes is not None and self.num_classes < 1:
             raise LcnnError(f"--num-classes must be a positive integer, got {self.num_classes}")
-        if self.beta != "auto" and not (isinstance(self.beta, float) and self.beta > 0):
-            raise LcnnError(f"--beta must be 'auto' or a number > 0, got {self.beta}")
-        if self.image_size is not None and self.image_size < 8:
-            raise LcnnError(f"--image-size must be at least 8, got {self.image_size}")
-        if self.opset < DEFAULT_OPSET:
-            raise LcnnError(f"--opset must be >= {DEFAULT_OPSET}, got {self.opset}")
+        if self.beta != "auto":
+            parse_beta(str(self.beta))
+        if self.num_classes is not None and self.num_classes > MAX_CLASSES:
+            raise LcnnError(f"--num-classes must be at most {MAX_CLASSES:,}, got {self.num_classes:,}")
+        if self.image_size is not None and not 8 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise LcnnError(f"--image-size must lie in [8, {MAX_IMAGE_SIZE}], got {self.image_size}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise LcnnError(f"--seed must lie in [0, 2**32 - 1], got {self.seed}")
+        check_opset(self.opset)
         if self.device not in ("auto", "cpu", "cuda"):
             raise LcnnError(f"--device must be auto, cpu or cuda, got '{self.device}'")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -147,12 +154,13 @@ class ConversionJob:
 def parse_beta(text: str) -> float | str:
     if text == "auto":
         return "auto"
+    expected = f"'auto' or a number in [{BETA_MIN:g}, {BETA_MAX:g}] (the centered softplus' range)"
     try:
         value = float(text)
     except ValueError:
-        raise LcnnError(f"--beta must be 'auto' or a number > 0, got '{text}'") from None
-    if not value > 0:
-        raise LcnnError(f"--beta must be 'auto' or a number > 0, got {text}")
+        raise LcnnError(f"--beta must be {expected}, got '{text}'") from None
+    if not BETA_MIN <= value <= BETA_MAX:
+        raise LcnnError(f"--beta must be {expected}, got {text}")
     return value
 
 
@@ -238,6 +246,8 @@ def run_conversion(job: ConversionJob, console: Console | None = None) -> RunRep
     Launched by torchrun with several processes, fine-tuning runs data-parallel (see
     ``lcnn_convert.distributed``); only rank 0 returns the report, the other ranks return None.
     Without --finetune there is nothing to share out, and only rank 0 works.
+
+    Ctrl-C (or SIGTERM, under the CLI) ends in ``Interrupted``, whose message says what was kept.
     """
     console = console or Console(stderr=True)
     job.validate()
@@ -245,27 +255,54 @@ def run_conversion(job: ConversionJob, console: Console | None = None) -> RunRep
     final = job.output or default_output(job.model)
     if launched_by_torchrun() and not job.finetune and int(os.environ.get("RANK", "0")) != 0:
         return None
-    if job.finetune:
-        distributed = initialize(job.device) if launched_by_torchrun() else None
-        try:
-            if distributed is not None and job.training.batch_size % distributed.world_size:
-                raise LcnnError(
-                    f"--batch-size {job.training.batch_size} is the global batch and must be a multiple of the "
-                    f"{distributed.world_size} processes"
-                )
-            def open_directory() -> WorkingDirectory:
-                return WorkingDirectory(final, overwrite=job.overwrite, resume=job.resume, resume_file=CHECKPOINT_FILE)
+    distributed = initialize(job.device) if job.finetune and launched_by_torchrun() else None
+    directory: OutputDirectory | None = None
+    try:
+        if distributed is not None and job.training.batch_size % distributed.world_size:
+            raise LcnnError(
+                f"--batch-size {job.training.batch_size} is the global batch and must be a multiple of the "
+                f"{distributed.world_size} processes"
+            )
 
-            directory = open_directory() if distributed is None else _run_on_main(distributed, open_directory)
-            with directory or contextlib.nullcontext():
-                out = directory.path if directory is not None else Path(final).expanduser().absolute()
-                return _run(job, spec, out, console, directory, distributed)
-        finally:
+        def open_directory() -> OutputDirectory:
+            return OutputDirectory.open(
+                final, overwrite=job.overwrite, resume=job.resume, resumable=bool(job.finetune),
+                resume_file=CHECKPOINT_FILE if job.finetune else None,
+            )  # fmt: skip
+
+        directory = open_directory() if distributed is None else _run_on_main(distributed, open_directory)
+        with directory or contextlib.nullcontext():
+            # ranks other than 0 write nothing; they only need a path to name
+            out = directory.staging if directory is not None else Path(final).expanduser().absolute()
+            report = _run(job, spec, out, console, distributed)
+            if directory is not None:
+                directory.commit(last=[REPORT_FILE])
+    except KeyboardInterrupt as stopped:
+        raise Interrupted.from_signal(stopped, _interruption_note(stopped, job, directory)) from None
+    finally:
+        if distributed is not None:
             shutdown()
-    with StagedDirectory(final, job.overwrite) as stage:
-        report = _run(job, spec, stage.path, console, None)
-    report.output_dir = str(stage.final)
+    if report is not None and directory is not None:
+        report.output_dir = str(directory.path)
     return report
+
+
+def _interruption_note(stopped: KeyboardInterrupt, job: ConversionJob, directory: OutputDirectory | None) -> str:
+    """What was interrupted and what is kept, in one line."""
+    what = f"{Interrupted.signal_name(stopped)}: the {'fine-tuning ' if job.finetune else ''}run was stopped"
+    if directory is None:
+        return f"{what} before it wrote anything"
+    checkpoint = directory.staging / CHECKPOINT_FILE
+    if job.finetune and checkpoint.is_file():
+        try:
+            epoch = f" (epoch {int(torch.load(checkpoint, map_location='cpu', weights_only=True)['epoch'])})"
+        except Exception:  # noqa: BLE001 - the note must not fail; the epoch is a detail
+            epoch = ""
+        return (
+            f"{what}; {directory.path} is as it was, and the last checkpoint{epoch} is kept in {checkpoint.parent}: "
+            "run the same command with --resume to continue"
+        )
+    return f"{what}; nothing was kept, {directory.path} is as it was"
 
 
 def _run_on_main(distributed: DistributedContext, work: Callable[[], Any]) -> Any:
@@ -303,7 +340,6 @@ class Run:
     spec: ModelSpec
     out: Path
     console: Console
-    workdir: WorkingDirectory | None
     distributed: DistributedContext | None
     device: torch.device
     timings: dict[str, float] = field(default_factory=dict)
@@ -343,17 +379,17 @@ def _run(
     spec: ModelSpec,
     out: Path,
     console: Console,
-    workdir: WorkingDirectory | None,
     distributed: DistributedContext | None = None,
 ) -> RunReport | None:
     device = distributed.device if distributed is not None else resolve_device(job.device)
     if distributed is not None and not distributed.is_main:
         console = Console(stderr=True, quiet=True)
-    run = Run(job, spec, out, console, workdir, distributed, device)
+    run = Run(job, spec, out, console, distributed, device)
     run.resume_state = _on_main(distributed, lambda: load_checkpoint(out / CHECKPOINT_FILE) if job.resume else None)
     _load(run)
     if job.dataset:
         _load_data(run)
+    _check_runs_at_input_size(run)
     _check_identity(run)
     if run.resume_state is not None:
         run.metrics, run.curvatures = run.resume_state["metrics"], run.resume_state["curvatures"]
@@ -415,17 +451,55 @@ def _load_data(run: Run) -> None:
     run.input_size = tuple(int(size) for size in test_images.shape[1:])
 
 
+def _check_runs_at_input_size(run: Run) -> None:
+    """One forward pass of two images before any work: a model that cannot take the input size
+    (AlexNet on 32x32, a ViT at anything but its own size) fails here, in one line."""
+    height, width = run.input_size[1:]
+    probe = torch.zeros((2, *run.input_size), device=run.device)
+    model = run.model.to(run.device)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            output = model.eval()(probe)
+    except Exception as error:  # noqa: BLE001 - shape errors surface as RuntimeError, AssertionError, ValueError, ...
+        if _is_out_of_memory(error):
+            raise
+        raise LcnnError(f"{run.spec} does not run at {height}x{width} ({first_line(error, 160)}); try another --image-size") from error
+    finally:
+        model.train(was_training)
+    logits = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise LcnnError(f"{run.spec} returns {shape} at {height}x{width}, not [batch, classes] logits")
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError))
+
+
 def _check_identity(run: Run) -> None:
-    job = run.job
-    identity = {
-        "model": job.model, "dataset": job.dataset, "num_classes": _classes(run.model), "seed": job.seed,
-        "batch_size": job.training.batch_size,
-    }  # fmt: skip
-    run.identity = identity
+    run.identity = resume_identity(run.job, _classes(run.model))
     if run.resume_state is not None:
-        _check_resumable(run.resume_state, identity, run.out)
-    elif run.workdir is not None:
-        run.workdir.clear()
+        _check_resumable(run.resume_state, run.identity, run.out / CHECKPOINT_FILE)
+
+
+def resume_identity(job: ConversionJob, num_classes: int | None) -> dict[str, Any]:
+    """Every setting that changes a fine-tuning run's result; a --resume must match all of them.
+
+    Left out: where the run writes and reads (--output, --data-dir), --device, and how it prints.
+    """
+    identity = {
+        "model": job.model, "weights": checksum(job.weights) if job.weights else None,
+        "pretrained": job.pretrained, "num_classes": num_classes, "dataset": job.dataset,
+        "image_size": job.image_size, "mean": list(job.mean) if job.mean else None,
+        "std": list(job.std) if job.std else None, "interpolation": job.interpolation, "beta": job.beta,
+        "calibration_examples": job.calibration_examples, "logit_tolerance": job.logit_tolerance,
+        "min_agreement": job.min_agreement, "opset": job.opset, "atol": job.atol, "seed": job.seed,
+        "eval_examples": job.eval_examples,
+    }  # fmt: skip
+    training = asdict(job.training)
+    training.pop("seed")  # the run's --seed, above
+    return identity | {f"training.{key}": value for key, value in training.items()}
 
 
 def _check_preprocessing(run: Run) -> None:
@@ -548,6 +622,12 @@ def _export_and_verify(run: Run) -> None:
         save(run.converted, run.out, run.spec)
     with run.step(f"export ONNX (opset {job.opset})", "export"):
         export_onnx(run.converted, run.out / ONNX_FILE, shaped, opset=job.opset)
+    opset = written_opset(run.out / ONNX_FILE)
+    if opset != job.opset:
+        run.warn(
+            f"model.onnx has opset {opset}, not {job.opset}: this graph only exports through torch.export, "
+            f"which writes opset {DYNAMO_MIN_OPSET} or newer"
+        )
     with run.step("verify in onnxruntime", "verify"):
         real = run.fidelity_inputs[0][:PARITY_EXAMPLES] if run.fidelity_inputs is not None else None
         run.parity = verify_onnx(run.converted, run.out / ONNX_FILE, real, atol=job.atol, seed=job.seed + 1)
@@ -601,10 +681,10 @@ def _report(run: Run) -> RunReport:
         measurement={"examples": job.eval_examples, **measurement_protocol()} if run.metrics else None,
         finetune=finetune_summary,
         warnings=run.warnings,
+        checksums=checksums(out, files.values()),
         lcnn_convert_version=__version__,
     )
     write_report(out / REPORT_FILE, report.to_dict())
-    report.output_dir = str(out)
     return report
 
 
@@ -613,9 +693,25 @@ def _classes(model: nn.Module) -> int | None:
     return classifier_classes(found[1]) if found else None
 
 
-def _check_resumable(state: dict[str, Any], identity: dict[str, Any], out: Path) -> None:
-    saved = state.get("identity", {})
-    different = [key for key in RESUME_KEYS if saved.get(key) != identity.get(key)]
+# what each identity key is called on the command line, for the refusal
+_OPTION_NAMES = {
+    "model": "MODEL", "weights": "--weights (contents)", "pretrained": "--pretrained", "dataset": "--finetune",
+    "training.lambda_grad": "--grad-norm",
+}  # fmt: skip
+
+
+def _check_resumable(state: dict[str, Any], identity: dict[str, Any], checkpoint: Path) -> None:
+    saved = state.get("identity")
+    if not isinstance(saved, dict):
+        raise LcnnError(f"cannot resume from {checkpoint}: it records no run settings (not written by this version)")
+    different = [key for key in identity if saved.get(key, "(not recorded)") != identity[key]]
     if different:
-        detail = ", ".join(f"{key}: checkpoint {saved.get(key)!r} vs now {identity.get(key)!r}" for key in different)
-        raise LcnnError(f"cannot resume from {out / CHECKPOINT_FILE}: it belongs to another run ({detail})")
+        def option(key: str) -> str:
+            return _OPTION_NAMES.get(key, "--" + key.removeprefix("training.").replace("_", "-"))
+
+        detail = ", ".join(f"{option(key)} {saved.get(key, '(not recorded)')!r} then, {identity[key]!r} now"
+                           for key in different[:4])  # fmt: skip
+        raise LcnnError(
+            f"cannot resume from {checkpoint}: it was made with other settings ({detail}); "
+            "resume with the same settings, or start again with --overwrite"
+        )

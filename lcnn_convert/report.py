@@ -74,6 +74,7 @@ class RunReport:
     measurement: dict[str, Any] | None = None
     finetune: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    checksums: dict[str, str] = field(default_factory=dict)  # file name -> "sha256:<hex>", for `verify`
     output_dir: str | None = None
 
     @property
@@ -113,6 +114,7 @@ class RunReport:
             "batchnorm_statistics": self.batchnorm_statistics,
             "parity": self.parity.to_dict(),
             "files": self.files,
+            "checksums": self.checksums,
             "timings_s": self.timings_s,
             "warnings": list(self.warnings),
             "lcnn_convert_version": self.lcnn_convert_version,

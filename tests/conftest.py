@@ -58,6 +58,28 @@ def run_console_script(*args: str, cwd: Path | None = None) -> subprocess.Comple
     return subprocess.run([str(script), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
+def fake_earlier_output(directory: Path, extra: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """What an earlier lcnn-convert run leaves (its marker names its files), without running one."""
+    import json
+
+    files = {"model.onnx": b"earlier onnx", "model.safetensors": b"earlier weights",
+             "report.json": b'{"lcnn_convert_version": "0.1.0"}', **(extra or {})}  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (directory / name).write_bytes(content)
+    (directory / ".lcnn-convert").write_text(json.dumps({"written_by": "lcnn-convert", "files": sorted(files)}))
+    return snapshot(directory)
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every visible file under ``directory`` and its bytes."""
+    return {
+        str(path.relative_to(directory)): path.read_bytes()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(directory).parts)
+    }
+
+
 def assert_one_line_error(result: CliResult, *fragments: str) -> None:
     assert result.code != 0
     assert "Traceback" not in result.err

@@ -11,7 +11,7 @@ import torchvision
 
 import lcnn_convert as lc
 
-from .conftest import assert_one_line_error, run_console_script
+from .conftest import assert_one_line_error, fake_earlier_output, run_console_script, snapshot
 
 SMALL = ("--no-pretrained", "--num-classes", "10", "--image-size", "32")
 
@@ -27,7 +27,9 @@ def test_convert_writes_a_complete_output_dir_that_loads_back(tmp_path):
     result = run_console_script("torchvision:resnet18", *SMALL, "--output", out)
     assert result.returncode == 0, result.stderr
     assert "ONNX parity" in result.stdout and "passed" in result.stdout
-    assert sorted(path.name for path in out.iterdir()) == ["model.onnx", "model.safetensors", "report.json"]
+    assert sorted(path.name for path in out.iterdir()) == [
+        ".lcnn-convert", ".lcnn-convert.lock", "model.onnx", "model.safetensors", "report.json"
+    ]  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == "torchvision:resnet18" and report["source"] == "torchvision"
     conversion = report["conversion"]
@@ -49,14 +51,17 @@ def test_timm_model_with_weights_json_output_and_overwrite(tmp_path, cli):
     weights = tmp_path / "mine.pth"
     torch.save({"state_dict": state}, weights)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old run")
+    fake_earlier_output(out, extra={"training.png": b"an earlier fine-tuning run's plot"})
+    (out / "notes.txt").write_text("the user's own notes")
     result = cli("resnet18", "--weights", weights, "--image-size", "32", "--beta", "20", "-o", out, "--overwrite", "--json")
     assert result.code == 0, result.err
     report = json.loads(result.out)
     assert report["num_classes"] == 4 and report["weights"] == str(weights) and not report["pretrained"]
     assert report["conversion"]["beta"]["mode"] == "fixed" and report["conversion"]["beta"]["mean"] == pytest.approx(20, rel=1e-5)
-    assert not (out / "old.txt").exists() and (out / "model.onnx").exists()
+    # the earlier output's files are replaced or gone; what lcnn-convert did not write stays
+    assert not (out / "training.png").exists() and (out / "model.onnx").stat().st_size > 1000
+    assert (out / "notes.txt").read_text() == "the user's own notes"
+    assert json.loads((out / ".lcnn-convert").read_text())["files"] == ["model.onnx", "model.safetensors", "report.json"]
     result = cli("timm:resnet18", *SMALL, "-o", tmp_path / "timm")
     assert result.code == 0, result.err
     assert json.loads((tmp_path / "timm" / "report.json").read_text())["source"] == "timm"
@@ -97,9 +102,21 @@ def checkpoints(tmp_path):
     corrupt.write_bytes(b"PK\x03\x04 not really a zip" * 20)
     mismatched = tmp_path / "vgg.pth"
     torch.save(torchvision.models.mobilenet_v3_small(num_classes=10).state_dict(), mismatched)
+    state = torchvision.models.resnet18(num_classes=10).state_dict()
+    variants = {
+        "int8": {**state, "conv1.weight": state["conv1.weight"].to(torch.int8)},
+        "bool": {**state, "layer1.0.bn1.weight": state["layer1.0.bn1.weight"].bool()},
+        "complex": {**state, "fc.weight": state["fc.weight"].to(torch.complex64)},
+        "scalar_head": {**state, "fc.weight": torch.tensor(1.0)},
+        "empty_head": {**state, "fc.weight": torch.zeros(0, 512), "fc.bias": torch.zeros(0)},
+    }
+    paths = {}
+    for name, variant in variants.items():
+        paths[name] = tmp_path / f"{name}.pth"
+        torch.save(variant, paths[name])
     evil = tmp_path / "evil.pth"
     torch.save({"fc.weight": torch.zeros(1), "x": _Payload(str(tmp_path / "pwned"))}, evil)
-    return {"good": good, "corrupt": corrupt, "mismatched": mismatched, "evil": evil}
+    return {"good": good, "corrupt": corrupt, "mismatched": mismatched, "evil": evil, **paths}
 
 
 class _Payload:
@@ -117,11 +134,26 @@ BAD_INPUTS = {
     "mismatched weights": (["resnet18", "--weights", "{mismatched}"], ["does not match ResNet"]),
     "pickle with code": (["resnet18", "--weights", "{evil}"], ["refusing to load", "weights_only=True"]),
     "negative classes": (["resnet18", "--no-pretrained", "--num-classes", "-3"], ["--num-classes must be a positive integer"]),
-    "zero beta": (["resnet18", "--no-pretrained", "--beta", "0"], ["--beta must be 'auto' or a number > 0"]),
-    "negative beta": (["resnet18", "--no-pretrained", "--beta=-2"], ["--beta must be 'auto' or a number > 0"]),
-    "word beta": (["resnet18", "--no-pretrained", "--beta", "sharp"], ["--beta must be 'auto' or a number > 0"]),
+    "zero beta": (["resnet18", "--no-pretrained", "--beta", "0"], ["--beta must be 'auto' or a number in [0.001, 10000]"]),
+    "negative beta": (["resnet18", "--no-pretrained", "--beta=-2"], ["--beta must be 'auto' or a number in [0.001, 10000]"]),
+    "word beta": (["resnet18", "--no-pretrained", "--beta", "sharp"], ["--beta must be 'auto' or a number in [0.001, 10000]"]),
     "classes not a number": (["resnet18", "--num-classes", "ten"], ["--num-classes", "integer"]),
-    "old opset": (["resnet18", "--no-pretrained", "--opset", "11"], ["--opset must be >= 17"]),
+    "old opset": (["resnet18", "--no-pretrained", "--opset", "11"], ["opset must lie in [17, 23]"]),
+    "future opset": (["resnet18", "--no-pretrained", "--opset", "99"], ["opset must lie in [17, 23]"]),
+    "tiny beta": (["resnet18", "--no-pretrained", "--beta", "1e-30"], ["--beta must be 'auto' or a number in"]),
+    "infinite beta": (["resnet18", "--no-pretrained", "--beta", "inf"], ["--beta must be 'auto' or a number in"]),
+    "nan beta": (["resnet18", "--no-pretrained", "--beta", "nan"], ["--beta must be 'auto' or a number in"]),
+    "huge image size": (["resnet18", "--no-pretrained", "--image-size", "100000"], ["--image-size must lie in [8, 4096]"]),
+    "huge class count": (["resnet18", "--no-pretrained", "--num-classes", str(10**12)], ["--num-classes must be at most"]),
+    "seed past 64 bits": (["resnet18", "--no-pretrained", "--seed", str(2**70)], ["--seed must lie in [0, 2**32 - 1]"]),
+    "negative seed": (["resnet18", "--no-pretrained", "--seed", "-1"], ["--seed must lie in"]),
+    "int8 weights": (["resnet18", "--weights", "{int8}"], ["non-float tensors", "torch.int8"]),
+    "bool weights": (["resnet18", "--weights", "{bool}"], ["non-float tensors", "torch.bool"]),
+    "complex weights": (["resnet18", "--weights", "{complex}"], ["non-float tensors", "torch.complex64"]),
+    "0-d head weight": (["resnet18", "--weights", "{scalar_head}"], ["head weight 'fc.weight'", "shape []"]),
+    "head with 0 rows": (["resnet18", "--weights", "{empty_head}"], ["head weight 'fc.weight'", "shape [0, 512]"]),
+    "model too small for the size": (["torchvision:alexnet", "--no-pretrained", "--num-classes", "10"], ["does not run at 32x32"]),
+    "vit at another size": (["timm:vit_tiny_patch16_224", "--no-pretrained", "--num-classes", "10"], ["does not run at 32x32"]),
     "pretrained offline": (["resnet18", "--num-classes", "10"], ["--weights", "--no-pretrained"]),
     "unknown option": (["resnet18", "--frobnicate"], ["No such option"]),
     "mean of two values": (["resnet18", "--no-pretrained", "--mean", "0.5", "0.5"], ["--mean"]),
@@ -140,7 +172,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, cli, tmp_path, checkpoin
     args, fragments = BAD_INPUTS[case]
     paths = {"tmp": tmp_path, **checkpoints}
     out = tmp_path / "out"
-    result = cli(*[arg.format(**paths) for arg in args], "--image-size", "32", "-o", out)
+    model, *rest = [arg.format(**paths) for arg in args]
+    result = cli(model, "--image-size", "32", *rest, "-o", out)  # the case's own --image-size comes later and wins
     assert_one_line_error(result, *fragments)
     assert not out.exists()
     assert_nothing_written(tmp_path, "out")
@@ -159,21 +192,22 @@ def test_unwritable_output_dirs(cli, tmp_path):
 def test_existing_output_dir_is_left_alone_without_overwrite(cli, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "model.onnx").write_text("a previous run")
-    assert_one_line_error(cli("resnet18", *SMALL, "-o", out), "not empty", "--overwrite")
-    assert [path.name for path in out.iterdir()] == ["model.onnx"]
-    assert (out / "model.onnx").read_text() == "a previous run"
+    (out / "model.onnx").write_text("not written by lcnn-convert")
+    for extra in ((), ("--overwrite",)):
+        assert_one_line_error(cli("resnet18", *SMALL, "-o", out, *extra), "lcnn-convert did not write", "model.onnx")
+        assert [path.name for path in out.iterdir()] == ["model.onnx"]
+        assert (out / "model.onnx").read_text() == "not written by lcnn-convert"
     assert_nothing_written(tmp_path, ".out")
 
 
-def test_failure_after_staging_removes_the_partial_output(cli, tmp_path, checkpoints):
+def test_failure_after_staging_leaves_an_earlier_output_as_it_was(cli, tmp_path, checkpoints):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("keep me")
-    # Fails while loading weights, after the staging dir exists: old output must survive.
+    earlier = fake_earlier_output(out)
+    assert_one_line_error(cli("resnet18", *SMALL, "-o", out), "holds an earlier lcnn-convert output", "--overwrite")
+    # Fails while loading weights, after the run has claimed the dir: the earlier output must survive.
     result = cli("resnet18", "--weights", checkpoints["mismatched"], "-o", out, "--overwrite")
     assert_one_line_error(result, "does not match")
-    assert [path.name for path in out.iterdir()] == ["keep.txt"]
+    assert snapshot(out) == earlier
     assert_nothing_written(tmp_path, ".out")
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import assert_one_line_error
+from .conftest import assert_one_line_error, fake_earlier_output, snapshot
 
 FAST = ("resnet18", "--no-pretrained", "--image-size", "16", "--batch-size", "256", "--eval-examples", "16")
 METRIC_KEYS = {
@@ -134,8 +134,7 @@ def test_kill_minus_9_during_export_then_resume_completes(tmp_path):
 
 def test_finetune_bad_inputs_leave_an_existing_output_untouched(tmp_path, cli):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "checkpoint.pt").write_bytes(b"an earlier run")
+    earlier = fake_earlier_output(out, extra={"checkpoint.pt": b"an earlier run"})
     empty = tmp_path / "empty"
     (empty / "train" / "a").mkdir(parents=True)
     (empty / "val" / "a").mkdir(parents=True)
@@ -153,9 +152,9 @@ def test_finetune_bad_inputs_leave_an_existing_output_untouched(tmp_path, cli):
     for args, message in cases:
         result = cli(*FAST, *args, "-o", out, "--overwrite")
         assert_one_line_error(result, message)
-        assert [path.name for path in out.iterdir()] == ["checkpoint.pt"], args
-        assert (out / "checkpoint.pt").read_bytes() == b"an earlier run"
+        assert snapshot(out) == earlier, args
     assert_one_line_error(cli(*FAST, "--finetune", "digits", "-o", tmp_path / "fresh", "--resume"), "nothing to resume")
     assert not (tmp_path / "fresh").exists()
-    assert_one_line_error(cli(*FAST, "--finetune", "digits", "-o", out), "not empty", "--resume")
+    assert_one_line_error(cli(*FAST, "--finetune", "digits", "-o", out), "earlier lcnn-convert output", "--overwrite")
     assert_one_line_error(cli(*FAST, "--finetune", "digits", "-o", out, "--resume"), "cannot read checkpoint")
+    assert snapshot(out) == earlier

@@ -13,6 +13,7 @@ from torch import nn
 from ..bn_statistics import has_untrained_batchnorm
 from ..errors import LcnnError, first_line
 from ..layers import CenteredSoftplus
+from ..layers.centered_softplus import BETA_MAX, BETA_MIN
 from ..models import data_config
 from .bound import curvature_bound
 from ..fidelity import DEFAULT_MIN_AGREEMENT, Fidelity, compare_logits, logits_of
@@ -85,12 +86,33 @@ def split_examples(example: tuple[torch.Tensor, ...], source: str, synthetic: bo
     )
 
 
-def _as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor] | None) -> tuple[torch.Tensor, ...] | None:
+def _as_tuple(
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None, name: str = "example_inputs"
+) -> tuple[torch.Tensor, ...] | None:
+    """The model's positional inputs: a tensor, or a tuple/list of tensors with the same batch size."""
     if example_inputs is None:
         return None
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
+        inputs: tuple = (example_inputs,)
+    elif isinstance(example_inputs, (tuple, list)):
+        inputs = tuple(example_inputs)
+    else:
+        hint = "; convert it with torch.from_numpy" if type(example_inputs).__module__.startswith("numpy") else ""
+        raise TypeError(
+            f"{name} must be a torch.Tensor (or a tuple of them, one per model input), got "
+            f"{type(example_inputs).__module__}.{type(example_inputs).__name__}{hint}"
+        )
+    if not inputs or not all(isinstance(item, torch.Tensor) for item in inputs):
+        kinds = ", ".join(type(item).__name__ for item in inputs) or "nothing"
+        raise TypeError(f"{name} must hold torch.Tensors, got {kinds}")
+    sizes = {int(item.shape[0]) if item.ndim else -1 for item in inputs}
+    if -1 in sizes:
+        raise ValueError(f"{name} must have a batch dimension; got a 0-d tensor")
+    if sizes == {0}:
+        raise ValueError(f"{name} is an empty batch (0 examples)")
+    if len(sizes) > 1:
+        raise ValueError(f"{name} tensors have different batch sizes {sorted(sizes)}")
+    return inputs
 
 
 def _default_example(model: nn.Module, input_size: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
@@ -103,11 +125,14 @@ def _default_example(model: nn.Module, input_size: Sequence[int] | None = None) 
 
 
 def _check_beta(beta: float | str) -> None:
+    expected = f"'auto' or a number in [{BETA_MIN:g}, {BETA_MAX:g}]"
     if isinstance(beta, str):
         if beta != "auto":
-            raise LcnnError(f"beta must be 'auto' or a positive number, got '{beta}'")
-    elif not beta > 0:
-        raise LcnnError(f"beta must be 'auto' or a positive number, got {beta}")
+            raise LcnnError(f"beta must be {expected}, got '{beta}'")
+    elif isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be {expected}, got {type(beta).__name__}")
+    elif not BETA_MIN <= beta <= BETA_MAX:
+        raise LcnnError(f"beta must be {expected}, got {beta}")
 
 
 def convert(
@@ -136,6 +161,9 @@ def convert(
     ``lcnn_convert.DEFAULT_RULES``). The result carries a ``conversion_report`` attribute whose
     ``fidelity`` compares it with the original on inputs calibration did not use.
     """
+    if not isinstance(model, nn.Module):
+        hint = f"; load one by name with lcnn_convert.load_model({model!r})" if isinstance(model, str) else ""
+        raise TypeError(f"convert() takes an nn.Module, got {type(model).__name__}{hint}")
     _check_beta(beta)
     if not 0 < logit_tolerance < 1:
         raise LcnnError(f"logit_tolerance must lie in (0, 1), got {logit_tolerance}")
@@ -144,7 +172,7 @@ def convert(
         input_size=None if input_size is None else tuple(int(size) for size in input_size),
     )  # fmt: skip
     example = _as_tuple(example_inputs)
-    held_out = _as_tuple(held_out_inputs)
+    held_out = _as_tuple(held_out_inputs, "held_out_inputs")
     data = None
     if example is None and held_out is not None:
         raise LcnnError("held_out_inputs are compared after calibrating on example_inputs; pass those too")
@@ -192,6 +220,11 @@ def convert_with_options(
     if calibrate:
         with torch.no_grad():
             reference = first_tensor(converted_from(*example))
+        if reference.ndim != 2:
+            raise ValueError(
+                f"the model returns {list(reference.shape)}, not [batch, classes] logits: beta='auto' calibrates "
+                "against classifier logits; pass a number as beta"
+            )
 
     try:
         converted = trace(converted_from)
