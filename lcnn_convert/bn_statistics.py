@@ -31,6 +31,9 @@ def has_untrained_batchnorm(model: nn.Module) -> bool:
     )
 
 
+MIN_STATISTICS_BATCH = 16
+
+
 def recalibrate_batchnorm(
     model: nn.Module, data: Dataset, batches: int = 100, batch_size: int = 128, seed: int = 0
 ) -> int:
@@ -39,7 +42,7 @@ def recalibrate_batchnorm(
     The statistics are plain averages over the batches, computed in train mode; other modules
     (dropout, ...) stay in eval mode. Each Lipschitz BN holds its clip factor meanwhile and moves
     gamma to match the new statistics, so the layer keeps its train-mode function. Returns the
-    number of batches used.
+    number of batches used. Batches have at least MIN_STATISTICS_BATCH images.
     """
     norms = _running_stat_norms(model)
     if not norms or batches <= 0:
@@ -48,7 +51,10 @@ def recalibrate_batchnorm(
     device = next(model.parameters()).device
     saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+    # Batch statistics need more than one value per channel, and a handful of images to mean much.
+    batch_size = max(batch_size, MIN_STATISTICS_BATCH)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator,
+                        drop_last=len(data) % batch_size == 1)  # fmt: skip
     used = 0
     model.eval()
     with ExitStack() as stack, torch.random.fork_rng(devices=[]), torch.no_grad():

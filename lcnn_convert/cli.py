@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 
 from .errors import Interrupted, LcnnError, Terminated, first_line
-from .io import NO_SPACE, write_error
+from .io import out_of_space
 
 app = typer.Typer(
     name="lcnn-convert",
@@ -192,7 +192,11 @@ def _rank_prefix() -> str:
     return f"rank {os.environ.get('RANK', '?')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
+_signals_received: list[int] = []
+
+
 def _terminate(signal_number: int, frame: object) -> None:
+    _signals_received.append(signal_number)
     raise Terminated()
 
 
@@ -214,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         command = typer.main.get_command(app)
         result = command.main(args=args, prog_name="lcnn-convert", standalone_mode=False)
+        if result == 130:
+            # typer turns a KeyboardInterrupt outside our commands' bodies (while parsing) into exit code 130
+            terminated = signal.SIGTERM in _signals_received
+            print(f"{'terminated (SIGTERM)' if terminated else 'interrupted (Ctrl-C)'} before anything was written",
+                  file=sys.stderr)  # fmt: skip
+            return 143 if terminated else 130
     except Interrupted as error:
         print(f"{_rank_prefix()}{error}", file=sys.stderr)
         return error.exit_code
@@ -233,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {_rank_prefix()}out of memory ({first_line(error, 160)}); try a smaller --image-size, "
                   "--batch-size or --eval-examples", file=sys.stderr)  # fmt: skip
             return 1
-        if isinstance(error, OSError) and error.errno in NO_SPACE:
-            print(f"error: {_rank_prefix()}{write_error(error, error.filename or 'an output')}", file=sys.stderr)
+        full = out_of_space(error)
+        if full is not None:
+            print(f"error: {_rank_prefix()}{full}", file=sys.stderr)
             return 1
         raise
     finally:

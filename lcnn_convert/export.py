@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import LcnnError, first_line
+from .io import out_of_space
 from .layers.inference import freeze_for_inference
 
 DEFAULT_OPSET = 17
@@ -161,6 +162,8 @@ def export_onnx(
         try:
             _export_torchscript(model, example_input, raw, opset, dynamic_batch)
         except Exception as script_error:  # the exporters raise many unrelated types
+            if out_of_space(script_error) is not None:
+                raise
             # Some graphs (e.g. scaled_dot_product_attention under jit tracing) only export
             # through torch.export; that exporter starts at opset 18.
             for leftover in scratch.iterdir():

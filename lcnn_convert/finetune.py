@@ -184,8 +184,8 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, state: d
         "rng": _rng_state(),
         **state,
     }
-    with atomic_file(path) as temporary:
-        torch.save(payload, temporary)
+    with atomic_file(path) as temporary, open(temporary, "wb") as handle:
+        torch.save(payload, handle)  # through a Python file: a full disk then surfaces as its OSError
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "steps", "seconds", "history", "step_log")

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -70,6 +71,30 @@ def write_error(error: OSError, what: str | Path) -> LcnnError:
     return LcnnError(f"cannot write {what}: {error.strerror or error}")
 
 
+def underlying_os_error(error: BaseException | None) -> OSError | None:
+    """The OSError behind a writer's failure: the error itself, one in its cause/context chain (torch's
+    writer turns a failed Python write into RuntimeError), or one named as "os error N" (safetensors)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        named = re.search(r"os error (\d+)", str(error))
+        if named:
+            number = int(named.group(1))
+            return OSError(number, os.strerror(number))
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def out_of_space(error: BaseException) -> LcnnError | None:
+    """The one-line error when ``error`` comes from a full disk (or quota, or file size limit), else None."""
+    cause = underlying_os_error(error)
+    if cause is None or cause.errno not in NO_SPACE:
+        return None
+    return write_error(cause, cause.filename or "the output")
+
+
 def _holder_description() -> dict[str, Any]:
     return {
         "pid": os.getpid(),
@@ -117,7 +142,7 @@ class OutputDirectory:
     not have, and writes the marker last. A failed run leaves the directory as it was; a
     fine-tuning run that stopped keeps its staging folder (its checkpoint), for ``--resume``.
 
-    The lock is an fcntl lock on a file inside the directory: the kernel (or the NFS lock manager)
+    The lock is an flock on a file inside the directory: the kernel (or the NFS lock manager)
     releases it when the holder dies, so whether a run is alive never rests on a process id, and a
     run in another container or on another host sharing the directory is seen as alive.
     """
@@ -155,7 +180,9 @@ class OutputDirectory:
         except OSError as error:
             raise write_error(error, f"output dir {path}") from error
         try:
-            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # flock, not lockf: a POSIX lock is dropped when *any* descriptor of the file in this
+            # process closes; Linux's NFS client maps flock onto the server's byte-range locks.
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             lock.close()
             if error.errno in (errno.EACCES, errno.EAGAIN):

@@ -565,6 +565,8 @@ def _convert(run: Run) -> None:
         try:
             run.converted = convert_with_options(run.model.to(run.device), data, options)
         except RuntimeError as error:
+            if _is_out_of_memory(error):
+                raise
             height, width = run.input_size[1:]
             raise LcnnError(
                 f"{run.spec} does not run at {height}x{width} ({first_line(error)}); try another --image-size"

@@ -32,7 +32,7 @@ def test_finetune_digits_writes_metrics_plots_and_checkpoint(tmp_path, cli):
     result = cli(*FAST, "--finetune", "digits", "--epochs", "2", "-o", out)
     assert result.code == 0, result.err
     assert "accuracy, curvature and robustness" in result.out and "finetuned" in result.out
-    names = sorted(path.name for path in out.iterdir())
+    names = sorted(path.name for path in out.iterdir() if not path.name.startswith("."))
     assert names == ["checkpoint.pt", "curvature.png", "model.onnx", "model.safetensors", "report.json", "training.png"]
     report = json.loads((out / "report.json").read_text())
     assert report["dataset"] == "digits" and report["num_classes"] == 10
@@ -80,16 +80,18 @@ def test_kill_minus_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert straight.returncode == 0, straight.stderr
 
     out = tmp_path / "killed"
+    staging = out / ".lcnn-partial"
     process = subprocess.Popen(lcnn_convert(*args, "-o", out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (out / "checkpoint.pt").exists() and time.time() < deadline and process.poll() is None:
+    while not (staging / "checkpoint.pt").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert (out / "checkpoint.pt").exists() and not (out / "report.json").exists()
-    # Only complete files under their real names; a write killed midway leaves at most a hidden temp file.
-    assert all(path.name in ("checkpoint.pt",) or path.name.startswith(".") for path in out.iterdir())
-    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    # Nothing in the output dir itself until the run completes; the staging folder holds the checkpoint,
+    # and a write killed midway leaves at most a hidden temp file.
+    assert sorted(path.name for path in out.iterdir()) == [".lcnn-convert.lock", ".lcnn-partial"]
+    assert all(path.name in ("checkpoint.pt",) or path.name.startswith(".") for path in staging.iterdir())
+    checkpoint = torch.load(staging / "checkpoint.pt", weights_only=True)
     assert 1 <= checkpoint["epoch"] < 3
 
     resumed = subprocess.run(lcnn_convert(*args, "-o", out, "--resume"), capture_output=True, text=True)
@@ -115,21 +117,24 @@ def test_kill_minus_9_during_export_then_resume_completes(tmp_path):
             break
     process.wait()
     assert process.returncode == -signal.SIGKILL
-    visible = sorted(path.name for path in out.iterdir() if not path.name.startswith("."))
+    staging = out / ".lcnn-partial"
+    assert not [path.name for path in out.iterdir() if not path.name.startswith(".")]
+    visible = sorted(path.name for path in staging.iterdir() if not path.name.startswith("."))
     assert "report.json" not in visible and "checkpoint.pt" in visible
     if "model.onnx" in visible:  # only if the export finished before the kill landed: then it is whole
         import onnx
 
-        onnx.checker.check_model(onnx.load(str(out / "model.onnx")))
-    assert all(path.name.endswith(".partial") for path in out.iterdir() if path.name.startswith("."))
+        onnx.checker.check_model(onnx.load(str(staging / "model.onnx")))
+    assert all(path.name.endswith(".partial") for path in staging.iterdir() if path.name.startswith("."))
 
     resumed = subprocess.run(lcnn_convert(*args, "--resume", "--json"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     report = json.loads(resumed.stdout)
     assert report["parity"]["passed"] and report["finetune"]["epochs"] == 1
-    assert sorted(path.name for path in out.iterdir()) == [
+    assert sorted(path.name for path in out.iterdir() if not path.name.startswith(".")) == [
         "checkpoint.pt", "curvature.png", "model.onnx", "model.safetensors", "report.json", "training.png"
     ]  # fmt: skip
+    assert not (out / ".lcnn-partial").exists()
 
 
 def test_finetune_bad_inputs_leave_an_existing_output_untouched(tmp_path, cli):
