@@ -69,6 +69,8 @@ def check_files(directory: str | Path) -> None:
         raise LcnnError(f"no such output dir: {directory}")
     try:
         report = json.loads(report_path.read_text())
+        if isinstance(report, dict) and "checksums" not in report:
+            raise LcnnError(f"{report_path} records no checksums (written by an older lcnn-convert): convert again")
         recorded = report["checksums"]
         if not isinstance(recorded, dict) or not all(isinstance(value, str) for value in recorded.values()):
             raise TypeError("checksums is not a name -> digest table")

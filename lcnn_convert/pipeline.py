@@ -389,7 +389,8 @@ def _run(
     _load(run)
     if job.dataset:
         _load_data(run)
-    _check_runs_at_input_size(run)
+    else:
+        _check_runs_at_input_size(run)
     _check_identity(run)
     if run.resume_state is not None:
         run.metrics, run.curvatures = run.resume_state["metrics"], run.resume_state["curvatures"]
@@ -437,6 +438,8 @@ def _load_data(run: Run) -> None:
         )
         run.head_reset = _fit_head(run.model, job, run.splits.num_classes, job.dataset)
     run.preprocessing = replace(run.preprocessing, image_size=run.splits.image_size)
+    run.input_size = (run.input_size[0], run.splits.image_size, run.splits.image_size)
+    _check_runs_at_input_size(run)
     if run.resume_state is None and has_untrained_batchnorm(run.model):
         step = "estimate BatchNorm statistics (the model's were never trained)"
         with run.step(step, "bn_statistics"):

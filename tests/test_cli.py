@@ -80,6 +80,13 @@ def test_verify_subcommand_passes_then_catches_tampering(tmp_path, cli):
     weights = bytearray((out / "model.safetensors").read_bytes())
     weights[-4000:] = bytes(4000)  # zero the last tensor's values
     (out / "model.safetensors").write_bytes(bytes(weights))
+    assert_one_line_error(cli("verify", out), "model.safetensors has changed since lcnn-convert wrote it")
+    # With the checksum recorded anew (an edited report), parity itself still catches the change.
+    from lcnn_convert.artifacts import checksum
+
+    report = json.loads((out / "report.json").read_text())
+    report["checksums"]["model.safetensors"] = checksum(out / "model.safetensors")
+    (out / "report.json").write_text(json.dumps(report))
     assert_one_line_error(cli("verify", out), "ONNX parity failed")
 
 
@@ -233,7 +240,7 @@ def test_models_past_the_protobuf_limit_export_with_external_data(tmp_path, cli,
     out = tmp_path / "out"
     result = cli("resnet18", *SMALL, "-o", out)
     assert result.code == 0, result.err
-    names = sorted(path.name for path in out.iterdir())
+    names = sorted(path.name for path in out.iterdir() if not path.name.startswith("."))
     assert names == ["model.onnx", "model.onnx.data", "model.safetensors", "report.json"]
     graph, data = out / "model.onnx", out / "model.onnx.data"
     assert graph.stat().st_size < 100_000 < 40_000_000 < data.stat().st_size
@@ -247,4 +254,6 @@ def test_models_past_the_protobuf_limit_export_with_external_data(tmp_path, cli,
     # Below the threshold again, a re-export into the same dir leaves no stale data file.
     monkeypatch.setattr(lcnn_convert.export, "EXTERNAL_DATA_THRESHOLD", 10**12)
     assert cli("resnet18", *SMALL, "-o", out, "--overwrite").code == 0
-    assert sorted(path.name for path in out.iterdir()) == ["model.onnx", "model.safetensors", "report.json"]
+    assert sorted(path.name for path in out.iterdir() if not path.name.startswith(".")) == [
+        "model.onnx", "model.safetensors", "report.json"
+    ]  # fmt: skip

@@ -220,6 +220,24 @@ def test_batch_size_one_through_the_cli(cli, tmp_path):
     assert result.code == 0, result.err
 
 
+def test_models_that_cannot_take_the_datasets_size_fail_before_any_work(cli, tmp_path):
+    result = cli("torchvision:alexnet", "--no-pretrained", "--finetune", "digits", "-o", tmp_path / "out")
+    assert_one_line_error(result, "does not run at 32x32", "--image-size")
+    assert "measure the original" not in result.err and not (tmp_path / "out").exists()
+
+
+def test_out_of_memory_anywhere_is_one_line(cli, tmp_path, monkeypatch):
+    import lcnn_convert.pipeline
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(lcnn_convert.pipeline, "measure", exhausted)
+    result = cli(*FAST, "--eval", "digits", "-o", tmp_path / "out")
+    assert_one_line_error(result, "out of memory", "Tried to allocate 20.00 GiB", "--batch-size")
+    assert not (tmp_path / "out").exists()
+
+
 def write_limited(args, limit_bytes: int, cwd: Path) -> subprocess.CompletedProcess:
     """Run the console script with a file size limit: every write past it fails with EFBIG, as on a full disk."""
 
