@@ -101,8 +101,9 @@ def test_help_explains_the_main_form():
         assert option in result.stdout
 
 
-@pytest.fixture
-def checkpoints(tmp_path):
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("checkpoints")
     good = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), good)
     corrupt = tmp_path / "corrupt.pth"
@@ -184,7 +185,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, cli, tmp_path, checkpoin
     assert_one_line_error(result, *fragments)
     assert not out.exists()
     assert_nothing_written(tmp_path, "out")
-    assert not (tmp_path / "pwned").exists()
+    assert not (checkpoints["evil"].parent / "pwned").exists()
 
 
 def test_unwritable_output_dirs(cli, tmp_path):

@@ -207,7 +207,12 @@ def test_batches_of_one_image_train(tmp_path):
 
     generator = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(5, 3, 16, 16, generator=generator), torch.tensor([0, 1, 2, 3, 4]))
-    model = lc.convert(lc.load_model("resnet18", pretrained=False, num_classes=5), beta=5.0)
+    # a BatchNorm on a 1x1 feature map, as at the end of a resnet at small sizes
+    original = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.BatchNorm2d(8), torch.nn.Flatten(), torch.nn.Linear(8, 5),
+    ).eval()  # fmt: skip
+    model = lc.convert(original, beta=5.0)
     for batch_size in (4, 1):  # 5 = 4 + 1: a last batch of one; and batch size 1 throughout
         result = finetune(model, data, data, FinetuneConfig(epochs=1, batch_size=batch_size, lr=1e-3))
         assert result.steps == (2 if batch_size == 4 else 5)
