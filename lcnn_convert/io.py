@@ -165,7 +165,9 @@ class OutputDirectory:
     ) -> OutputDirectory:  # fmt: skip
         """Lock ``destination`` and check that this run may write it.
 
-        ``resumable``: the run writes checkpoints that must survive a failure (fine-tuning).
+        ``resume_file``: the checkpoint a resumable run keeps in the staging folder; one found there
+        marks an interrupted run, which no run replaces without ``overwrite``.
+        ``resumable``: this run writes such checkpoints, and keeps them when it fails (fine-tuning).
         ``resume``: continue the run whose ``resume_file`` sits in the staging folder (an interrupted
         run) or in the directory itself (a finished one, whose output stays until the new one is complete).
         """
@@ -217,7 +219,7 @@ class OutputDirectory:
         # The lock is ours, so a staging folder left here belongs to a run that has ended.
         interrupted = resume_file is not None and (self.staging / resume_file).is_file()
         if resume:
-            if resume_file is None:
+            if resume_file is None or not self._resumable:
                 raise LcnnError("nothing to resume: this run writes no checkpoint")
             finished = previous and (self.path / resume_file).is_file()
             if not (interrupted or finished):
@@ -230,8 +232,8 @@ class OutputDirectory:
             return
         if interrupted and not overwrite:
             raise LcnnError(
-                f"output dir {self.path} holds an interrupted run ({STAGING_DIR}/{resume_file}); "
-                "pass --resume to continue it or --overwrite to start again"
+                f"output dir {self.path} holds an interrupted fine-tuning run ({STAGING_DIR}/{resume_file}); "
+                "pass --resume (with its --finetune options) to continue it, or --overwrite to replace it"
             )
         if visible and not overwrite:
             raise LcnnError(f"output dir {self.path} holds an earlier lcnn-convert output; pass --overwrite to replace it")

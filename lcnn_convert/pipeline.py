@@ -267,7 +267,7 @@ def run_conversion(job: ConversionJob, console: Console | None = None) -> RunRep
         def open_directory() -> OutputDirectory:
             return OutputDirectory.open(
                 final, overwrite=job.overwrite, resume=job.resume, resumable=bool(job.finetune),
-                resume_file=CHECKPOINT_FILE if job.finetune else None,
+                resume_file=CHECKPOINT_FILE,
             )  # fmt: skip
 
         directory = open_directory() if distributed is None else _run_on_main(distributed, open_directory)

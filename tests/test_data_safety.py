@@ -76,6 +76,16 @@ def test_an_earlier_output_is_replaced_only_by_a_complete_one_and_the_users_file
     assert json.loads((out / MARKER_FILE).read_text())["files"] == OUTPUTS
 
 
+def test_an_interrupted_fine_tuning_run_is_not_replaced_without_overwrite(cli, tmp_path):
+    out = tmp_path / "out"
+    (out / STAGING_DIR).mkdir(parents=True)
+    (out / STAGING_DIR / "checkpoint.pt").write_bytes(b"an interrupted run's checkpoint")
+    for args in (TINY, (*FAST, "--finetune", "digits")):
+        assert_one_line_error(cli(*args, "-o", out), "holds an interrupted fine-tuning run", "--resume", "--overwrite")
+        assert (out / STAGING_DIR / "checkpoint.pt").read_bytes() == b"an interrupted run's checkpoint"
+    assert_one_line_error(cli(*TINY, "-o", out, "--resume"), "--resume continues a --finetune run")
+
+
 HOLDER = textwrap.dedent(
     """
     import json, sys
