@@ -13,6 +13,7 @@ import contextlib
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -150,6 +151,16 @@ def _scheduler(optimizer: torch.optim.Optimizer, config: FinetuneConfig, total_s
     if config.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=max(total_steps, 1))
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+
+
+def _fast_forward(scheduler, steps: int) -> None:
+    """Bring a new schedule to ``steps``: the same learning rates as the interrupted run's when
+    --epochs/--max-steps are the same, and the longer schedule's when a resume extends the run
+    (an old schedule's own state would run past its end)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()"
+        for _ in range(steps):
+            scheduler.step()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -324,7 +335,10 @@ def finetune(
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
+        for group in optimizer.param_groups:
+            group["lr"] = group.get("initial_lr", config.lr)  # the schedule's start, as in a fresh run
+        scheduler = _scheduler(optimizer, config, total_steps)
+        _fast_forward(scheduler, min(int(resume["steps"]), total_steps))
         _restore_power_vectors(model, resume.get("power_vectors", {}), device)
         start_epoch = int(resume["epoch"])
         result.steps = int(resume["steps"])

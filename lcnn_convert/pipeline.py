@@ -489,7 +489,9 @@ def _check_identity(run: Run) -> None:
 def resume_identity(job: ConversionJob, num_classes: int | None) -> dict[str, Any]:
     """Every setting that changes a fine-tuning run's result; a --resume must match all of them.
 
-    Left out: where the run writes and reads (--output, --data-dir), --device, and how it prints.
+    Left out: where the run writes and reads (--output, --data-dir), --device, how it prints, and
+    --epochs/--max-steps, which say where the run stops: a resume may extend a run (its learning-rate
+    schedule is then the longer run's from the resumed step on).
     """
     identity = {
         "model": job.model, "weights": checksum(job.weights) if job.weights else None,
@@ -501,7 +503,8 @@ def resume_identity(job: ConversionJob, num_classes: int | None) -> dict[str, An
         "eval_examples": job.eval_examples,
     }  # fmt: skip
     training = asdict(job.training)
-    training.pop("seed")  # the run's --seed, above
+    for key in ("seed", "epochs", "max_steps"):  # the run's --seed is above; see the docstring
+        training.pop(key)
     return identity | {f"training.{key}": value for key, value in training.items()}
 
 

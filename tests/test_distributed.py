@@ -22,6 +22,8 @@ from lcnn_convert import convert
 from lcnn_convert.distributed import DistributedContext
 from lcnn_convert.finetune import FinetuneConfig, finetune
 
+from .conftest import snapshot
+
 BIN = Path(sys.executable).parent
 # Same global batch and seed in both runs; DistributedSampler gives the two ranks the halves of
 # the single process's batches, so only the per-rank BatchNorm batch statistics differ.
@@ -58,7 +60,7 @@ def test_two_gloo_processes_match_a_single_process_run(tmp_path):
     single = _single(*SMALL, "--finetune", "digits", "-o", tmp_path / "single")
     assert single.returncode == 0, single.stderr[-3000:]
 
-    names = sorted(path.name for path in (tmp_path / "ddp").iterdir())
+    names = sorted(path.name for path in (tmp_path / "ddp").iterdir() if not path.name.startswith("."))
     assert names == ["checkpoint.pt", "curvature.png", "model.onnx", "model.safetensors", "report.json", "training.png"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["ddp", "single"]  # no other rank wrote anything
     report = json.loads((tmp_path / "ddp" / "report.json").read_text())
@@ -100,7 +102,7 @@ def test_a_failing_rank_stops_the_job_and_keeps_the_last_checkpoint(tmp_path):
     first = _torchrun(*common, "--epochs", "1")
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoint = (out / "checkpoint.pt").read_bytes()
-    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    before = snapshot(out)
 
     # One unreadable image, the last of the 300 (past the 256 read for calibration): the rank
     # whose share holds it fails mid-epoch 2, and the other one loses its peer.
@@ -111,7 +113,8 @@ def test_a_failing_rank_stops_the_job_and_keeps_the_last_checkpoint(tmp_path):
     assert any("epoch 2 stopped: cannot read train example 299" in line for line in errors), second.stderr[-3000:]
     assert any("the last good checkpoint (epoch 1) is kept" in line for line in errors)
     assert (out / "checkpoint.pt").read_bytes() == checkpoint
-    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert snapshot(out) == before  # the finished output is as it was; the resumed run's work is staged
+    assert (out / ".lcnn-partial" / "checkpoint.pt").read_bytes() == checkpoint
 
 
 def _rank_worker(rank: int, world_size: int, port: int, out: str) -> None:
