@@ -117,17 +117,35 @@ def convert_command(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted --finetune run from its checkpoint.")] = False,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 3,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop fine-tuning after this many steps.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Fine-tuning batch size.")] = 128,
+    batch_size: Annotated[
+        Optional[int],
+        typer.Option(help="Fine-tuning batch size (default: the largest of 128/64/32/16 giving 40 steps an epoch)."),
+    ] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.01,
+    beta_lr: Annotated[
+        Optional[float], typer.Option(help="Peak learning rate of log beta (default: 10 x --lr).")
+    ] = None,
     optimizer: Annotated[str, typer.Option(help="sgd (momentum 0.9, Nesterov) or adamw.")] = "sgd",
     schedule: Annotated[str, typer.Option(help="cosine or onecycle.")] = "cosine",
     weight_decay: Annotated[float, typer.Option(help="Weight decay (never on beta, gamma, scales, biases).")] = 5e-4,
-    lambda_beta: Annotated[float, typer.Option(help="Weight of sum(beta) in the loss.")] = 1e-2,
+    smoothness: Annotated[
+        float,
+        typer.Option(help="The accuracy/curvature trade-off: weight of sum(beta) in the loss, in units of 0.01 "
+                     "(0: no beta penalty; 0.5: less smooth, +0.3 pt; 3: smoother, may cost accuracy)."),
+    ] = 1.0,
     lambda_gamma: Annotated[float, typer.Option(help="Weight of sum(|log gamma|) in the loss.")] = 1e-2,
     grad_norm: Annotated[
         float, typer.Option(help="Weight of the input-gradient-norm penalty (double backprop; 0 = off).")
     ] = 0.0,
-    eval_examples: Annotated[int, typer.Option(help="Test examples for curvature and PGD.")] = 256,
+    distill: Annotated[
+        float, typer.Option(help="Share of the loss that is KL to the original model's predictions (0 = labels only).")
+    ] = 0.5,
+    refresh_bn: Annotated[
+        bool,
+        typer.Option("--refresh-bn/--no-refresh-bn",
+                     help="Re-estimate BatchNorm statistics for the final betas after the last epoch."),
+    ] = True,
+    eval_examples: Annotated[int, typer.Option(help="Test examples for curvature and PGD.")] = 128,
 ) -> None:
     """Convert MODEL, write model.onnx, model.safetensors and report.json, and check ONNX parity."""
     with _interruptible():
@@ -136,8 +154,9 @@ def convert_command(
         from .report import print_report
 
     training = FinetuneConfig(
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-        weight_decay=weight_decay, lambda_beta=lambda_beta, lambda_gamma=lambda_gamma, lambda_grad=grad_norm,
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, beta_lr=beta_lr, optimizer=optimizer,
+        schedule=schedule, weight_decay=weight_decay, smoothness=smoothness, lambda_gamma=lambda_gamma,
+        lambda_grad=grad_norm, distill=distill, refresh_batchnorm=refresh_bn,
     )  # fmt: skip
     job = ConversionJob(
         model=model, weights=weights, pretrained=pretrained, num_classes=num_classes, beta=parse_beta(beta),

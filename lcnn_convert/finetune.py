@@ -1,6 +1,16 @@
 """Stage 3, fine-tune: a short run with the LCNN regularisers, resumable epoch by epoch.
 
-loss = CE + lambda_beta * sum(beta) + lambda_gamma * sum(|log gamma|) [+ lambda_grad * mean ||d CE_i / dx||^2]
+loss = (1 - distill) * CE + distill * KL(original || model) + lambda_beta * sum(beta)
+       + lambda_gamma * sum(|log gamma|) [+ lambda_grad * mean ||d CE_i / dx||^2]
+
+What makes a few epochs enough (docs/finetuning.md has the sweep behind each default):
+
+- log beta learns at ``beta_lr`` (BETA_LR_FACTOR x lr): at the common lr the penalty moves a
+  calibrated beta by a few percent in a run, and the model stays as curved as it started;
+- the batch size is chosen so that an epoch has at least MIN_STEPS_PER_EPOCH steps;
+- the original's logits are soft targets (``distill``): the teacher is the model we started from;
+- after the last epoch the BatchNorm statistics are re-estimated for the new betas
+  (``refresh_batchnorm``): the running ones, averaged while beta moved, cost points of accuracy.
 
 Every epoch reseeds torch from (seed, epoch) and shuffles with its own generator, so an epoch's
 work depends only on the state at its start: a run resumed from an epoch checkpoint ends in the
@@ -15,7 +25,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,11 +38,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+from .bn_statistics import recalibrate_batchnorm
 from .distributed import DistributedContext, sum_across_ranks
 from .data import UnreadableExample
 from .errors import LcnnError, first_line
 from .io import atomic_file
 from .layers import CenteredSoftplus, LipschitzBatchNorm
+from .layers.centered_softplus import BETA_MAX
 from .layers.normalized_linear import _OperatorNormalized
 from .measure import evaluate_accuracy
 
@@ -40,32 +52,80 @@ CHECKPOINT_FILE = "checkpoint.pt"
 NO_DECAY_SUFFIXES = ("log_beta", "log_gamma", "scale")
 
 
+# The automatic batch size: the largest of these that gives an epoch MIN_STEPS_PER_EPOCH steps
+# (digits' 1,437 training images: 32, 135 steps in 3 epochs; CIFAR: 128).
+AUTO_BATCH_SIZES = (128, 64, 32, 16)
+MIN_STEPS_PER_EPOCH = 40
+BETA_LR_FACTOR = 10.0
+# --smoothness 1 puts this weight on sum(beta).
+LAMBDA_BETA_PER_SMOOTHNESS = 1e-2
+# Fine-tuning keeps beta at or above this: below it the activation is nearly linear over the
+# pre-activations' range (little more smoothness to gain), and float32 rounding of the exported
+# (softplus(beta x) - log 2) / beta grows as 1/beta (beta 0.03 from random weights: ONNX parity
+# 2.1e-4, against 1e-4).
+FINETUNE_BETA_MIN = 0.1
+# The BatchNorm statistics after the last epoch: batches of REFRESH_BATCH_SIZE unaugmented train images.
+REFRESH_BATCHES = 20
+REFRESH_BATCH_SIZE = 128
+
+
+def auto_batch_size(train_examples: int, world_size: int = 1) -> int:
+    """The largest of AUTO_BATCH_SIZES with at least MIN_STEPS_PER_EPOCH steps an epoch (the
+    smallest when none has), a multiple of ``world_size``."""
+    for size in AUTO_BATCH_SIZES:
+        if math.ceil(train_examples / size) >= MIN_STEPS_PER_EPOCH and size % world_size == 0:
+            return size
+    smallest = AUTO_BATCH_SIZES[-1]
+    return smallest if smallest % world_size == 0 else world_size * max(1, smallest // world_size)
+
+
 @dataclass
 class FinetuneConfig:
+    """Every setting of a fine-tuning run. ``batch_size`` and ``beta_lr`` None mean automatic
+    (``resolved`` fills them in); ``smoothness`` is the one knob of the accuracy/curvature trade-off."""
+
     epochs: int = 3
     max_steps: int | None = None
-    batch_size: int = 128
+    batch_size: int | None = None
     lr: float = 0.01
+    beta_lr: float | None = None
     optimizer: Literal["sgd", "adamw"] = "sgd"
     schedule: Literal["cosine", "onecycle"] = "cosine"
     weight_decay: float = 5e-4
-    lambda_beta: float = 1e-2
+    smoothness: float = 1.0
     lambda_gamma: float = 1e-2
     lambda_grad: float = 0.0
+    distill: float = 0.5
+    refresh_batchnorm: bool = True
     seed: int = 0
+
+    @property
+    def lambda_beta(self) -> float:
+        """The weight of sum(beta) in the loss."""
+        return LAMBDA_BETA_PER_SMOOTHNESS * self.smoothness
+
+    def resolved(self, train_examples: int, world_size: int = 1) -> FinetuneConfig:
+        """This config with the automatic values filled in for a train split of ``train_examples``."""
+        return replace(
+            self,
+            batch_size=self.batch_size if self.batch_size is not None else auto_batch_size(train_examples, world_size),
+            beta_lr=self.beta_lr if self.beta_lr is not None else BETA_LR_FACTOR * self.lr,
+        )
 
     def validate(self) -> None:
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.batch_size is None or self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.beta_lr is None or self.beta_lr > 0, f"--beta-lr must be > 0, got {self.beta_lr}"),
             (self.optimizer in ("sgd", "adamw"), f"--optimizer must be sgd or adamw, got {self.optimizer}"),
             (self.schedule in ("cosine", "onecycle"), f"--schedule must be cosine or onecycle, got {self.schedule}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (self.lambda_beta >= 0, f"--lambda-beta must be >= 0, got {self.lambda_beta}"),
+            (self.smoothness >= 0, f"--smoothness must be >= 0, got {self.smoothness}"),
             (self.lambda_gamma >= 0, f"--lambda-gamma must be >= 0, got {self.lambda_gamma}"),
             (self.lambda_grad >= 0, f"--grad-norm must be >= 0, got {self.lambda_grad}"),
+            (0 <= self.distill <= 1, f"--distill must lie in [0, 1], got {self.distill}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -77,7 +137,7 @@ class EpochRecord:
     epoch: int
     steps: int
     loss: float
-    cross_entropy: float
+    label_loss: float  # cross-entropy, mixed with the KL divergence to the original by distill
     beta_term: float
     gamma_term: float
     grad_term: float
@@ -96,10 +156,14 @@ class FinetuneResult:
     seconds: float
     history: list[EpochRecord] = field(default_factory=list)
     step_log: dict[str, list[float]] = field(default_factory=dict)
+    config: FinetuneConfig | None = None  # the settings used, automatic ones filled in
+    batchnorm_refreshed: bool = False
 
     def summary(self) -> dict[str, Any]:
         last = self.history[-1] if self.history else None
         return {
+            "config": asdict(self.config) | {"lambda_beta": self.config.lambda_beta} if self.config else None,
+            "batchnorm_refreshed": self.batchnorm_refreshed,
             "epochs": self.epochs,
             "steps": self.steps,
             "seconds": round(self.seconds, 2),
@@ -130,18 +194,29 @@ def layer_statistics(model: nn.Module) -> dict[str, float]:
     }
 
 
-def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """beta, gamma, explicit scales and 1-d tensors (BN affine, biases) get no weight decay."""
-    decay, no_decay = [], []
+def _parameter_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, Any]]:
+    """log beta learns at its own rate; beta, gamma, explicit scales and 1-d tensors (BN affine,
+    biases) get no weight decay."""
+    decay, no_decay, log_betas = [], [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        (no_decay if name.endswith(NO_DECAY_SUFFIXES) or parameter.ndim <= 1 else decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if name.endswith("log_beta"):
+            log_betas.append(parameter)
+        elif name.endswith(NO_DECAY_SUFFIXES) or parameter.ndim <= 1:
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay, "lr": config.lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": config.lr},
+        {"params": log_betas, "weight_decay": 0.0, "lr": config.beta_lr or config.lr},
+    ]
+    return [group for group in groups if group["params"]]
 
 
 def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
-    groups = _parameter_groups(model, config.weight_decay)
+    groups = _parameter_groups(model, config)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr)
     return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
@@ -149,8 +224,18 @@ def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimize
 
 def _scheduler(optimizer: torch.optim.Optimizer, config: FinetuneConfig, total_steps: int):
     if config.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=max(total_steps, 1))
+        # each group's own peak (log beta's is beta_lr); a resumed optimizer's state remembers it
+        peaks = [group.get("max_lr", group["lr"]) for group in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=max(total_steps, 1))
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+
+
+@torch.no_grad()
+def _keep_beta_in_range(model: nn.Module) -> None:
+    low, high = math.log(FINETUNE_BETA_MIN), math.log(BETA_MAX)
+    for module in model.modules():
+        if isinstance(module, CenteredSoftplus) and module.log_beta.requires_grad:
+            module.log_beta.clamp_(low, high)
 
 
 def _fast_forward(scheduler, steps: int) -> None:
@@ -271,14 +356,33 @@ def _running_statistics_for_one_example(model: nn.Module, batch: int) -> Iterato
             module.train()
 
 
-def cross_entropy_and_grad_penalty(model: nn.Module, images, labels, lambda_grad: float):
+def cross_entropy_and_grad_penalty(model: nn.Module, images, labels, lambda_grad: float, teacher_logits=None,
+                                   distill: float = 0.0):  # fmt: skip
+    """(label loss, gradient penalty). The label loss is the cross-entropy, mixed with the KL
+    divergence to ``teacher_logits`` by ``distill``; the penalty is on the cross-entropy's input
+    gradient, 0 unless ``lambda_grad``."""
     if lambda_grad == 0:
-        return F.cross_entropy(model(images), labels), images.new_zeros(())
+        logits = model(images)
+        return label_loss(logits, labels, teacher_logits, distill), images.new_zeros(())
     images = images.detach().requires_grad_(True)
-    per_example = F.cross_entropy(model(images), labels, reduction="none")
+    logits = model(images)
+    per_example = F.cross_entropy(logits, labels, reduction="none")
     (input_gradient,) = torch.autograd.grad(per_example.sum(), images, create_graph=True)
     penalty = input_gradient.flatten(1).square().sum(1).mean()
-    return per_example.mean(), penalty
+    return label_loss(logits, labels, teacher_logits, distill), penalty
+
+
+def label_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
+               distill: float) -> torch.Tensor:  # fmt: skip
+    """(1 - distill) * CE(labels) + distill * KL(softmax(teacher) || softmax(logits)) (CE alone without a teacher)."""
+    cross_entropy = F.cross_entropy(logits, labels)
+    if teacher_logits is None or distill == 0:
+        return cross_entropy
+    divergence = F.kl_div(
+        F.log_softmax(logits.float(), -1), F.log_softmax(teacher_logits.float(), -1), reduction="batchmean",
+        log_target=True,
+    )  # fmt: skip
+    return (1 - distill) * cross_entropy + distill * divergence
 
 
 def finetune(
@@ -293,11 +397,18 @@ def finetune(
     on_epoch_end: Callable[[EpochRecord], None] | None = None,
     extra_state: dict[str, Any] | None = None,
     distributed: DistributedContext | None = None,
+    teacher: nn.Module | None = None,
+    statistics_data: Dataset | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place; checkpoint after each epoch; continue from ``resume``.
 
     ``extra_state`` (tensors, numbers, strings, lists and dicts of them) is stored in every
     checkpoint beside the training state, for the caller to read back on resume.
+
+    ``teacher`` (the original model) gives the soft targets of ``config.distill``; without it the
+    loss is the cross-entropy alone. ``statistics_data`` (unaugmented train images) is what the
+    BatchNorm statistics are re-estimated on after the last epoch (``config.refresh_batchnorm``);
+    without it, ``train`` is.
 
     Stops with an LcnnError (the last epoch checkpoint left intact) if the loss becomes NaN/Inf.
 
@@ -307,6 +418,7 @@ def finetune(
     and writes checkpoints.
     """
     config.validate()
+    config = config.resolved(len(train), distributed.world_size if distributed is not None else 1)
     device = torch.device(device)
     console = console or Console(stderr=True)
     is_main = distributed is None or distributed.is_main
@@ -330,7 +442,11 @@ def finetune(
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    result = FinetuneResult(epochs=0, steps=0, seconds=0.0, step_log={"loss": [], "beta_mean": [], "gamma_mean": []})
+    if teacher is not None:
+        teacher = teacher.to(device).eval().requires_grad_(False)
+    result = FinetuneResult(
+        epochs=0, steps=0, seconds=0.0, step_log={"loss": [], "beta_mean": [], "gamma_mean": []}, config=config
+    )
     start_epoch = 0
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -346,6 +462,7 @@ def finetune(
         result.history = [EpochRecord(**record) for record in resume["history"]]
         result.step_log = {key: list(values) for key, values in resume["step_log"].items()}
         result.epochs = start_epoch
+        result.batchnorm_refreshed = bool(resume.get("batchnorm_refreshed", False))
         console.print(f"[cyan]resuming[/cyan] after epoch {start_epoch} (step {result.steps})")
 
     for epoch in range(start_epoch, config.epochs):
@@ -353,7 +470,7 @@ def finetune(
             break
         torch.manual_seed(config.seed * 1_000_003 + epoch)
         loader = _train_loader(train, config, epoch, distributed)
-        totals = {"loss": 0.0, "cross_entropy": 0.0, "beta_term": 0.0, "gamma_term": 0.0, "grad_term": 0.0}
+        totals = {"loss": 0.0, "label_loss": 0.0, "beta_term": 0.0, "gamma_term": 0.0, "grad_term": 0.0}
         seen = batches = 0
         started = time.perf_counter()
         columns = (
@@ -369,14 +486,18 @@ def finetune(
                 if config.max_steps is not None and result.steps >= config.max_steps:
                     break
                 images, labels = images.to(device), labels.to(device)
-                with torch.autocast(device_type=device.type, enabled=use_amp), \
-                        _running_statistics_for_one_example(model, len(labels)):
-                    cross_entropy, grad_penalty = cross_entropy_and_grad_penalty(
-                        trained, images, labels, config.lambda_grad
-                    )
+                with torch.autocast(device_type=device.type, enabled=use_amp):
+                    teacher_logits = None
+                    if teacher is not None and config.distill > 0:
+                        with torch.no_grad():
+                            teacher_logits = teacher(images)
+                    with _running_statistics_for_one_example(model, len(labels)):
+                        label_term, grad_penalty = cross_entropy_and_grad_penalty(
+                            trained, images, labels, config.lambda_grad, teacher_logits, config.distill
+                        )
                 beta_sum, gamma_sum = regularisers(model)
                 terms = {
-                    "cross_entropy": cross_entropy.float(),
+                    "label_loss": label_term.float(),
                     "beta_term": config.lambda_beta * beta_sum,
                     "gamma_term": config.lambda_gamma * gamma_sum,
                     "grad_term": config.lambda_grad * grad_penalty.float(),
@@ -395,6 +516,7 @@ def finetune(
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
+                _keep_beta_in_range(model)
                 scheduler.step()
                 result.steps += 1
                 batches += 1
@@ -411,7 +533,7 @@ def finetune(
                     task,
                     advance=1,
                     stats=(
-                        f"loss {totals['loss'] / batches:.3f} ce {totals['cross_entropy'] / batches:.3f} "
+                        f"loss {totals['loss'] / batches:.3f} label {totals['label_loss'] / batches:.3f} "
                         f"β-term {totals['beta_term'] / batches:.3f} γ-term {totals['gamma_term'] / batches:.3f} "
                         f"β̄ {statistics['beta_mean']:.2f} {rate:.0f} img/s"
                     ),
@@ -422,6 +544,23 @@ def finetune(
             # the next epoch) from rank 0's, the ones its checkpoint holds.
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
+        last = epoch + 1 == config.epochs or (config.max_steps is not None and result.steps >= config.max_steps)
+        if last and config.refresh_batchnorm:
+            # The running statistics were averaged while beta moved; re-estimated for the final
+            # betas, the same images on every rank give every rank the same statistics.
+            refreshing = time.perf_counter()
+            try:
+                recalibrate_batchnorm(model, statistics_data if statistics_data is not None else train,
+                                      REFRESH_BATCHES, REFRESH_BATCH_SIZE, config.seed * 1_000_003 + epoch)  # fmt: skip
+            except (OSError, ValueError, UnreadableExample) as error:
+                kept = f"the last good checkpoint (epoch {epoch}) is kept" if epoch else "no checkpoint was written"
+                raise LcnnError(
+                    f"re-estimating the BatchNorm statistics after epoch {epoch + 1} stopped: {first_line(error)}; "
+                    f"{kept}"
+                ) from error
+            model.train()
+            result.batchnorm_refreshed = True
+            seconds += time.perf_counter() - refreshing
         accuracy = _accuracy(model, test, distributed)
         statistics = layer_statistics(model)
         record = EpochRecord(
@@ -448,6 +587,7 @@ def finetune(
                 "history": [asdict(item) for item in result.history],
                 "step_log": result.step_log,
                 "config": asdict(config),
+                "batchnorm_refreshed": result.batchnorm_refreshed,
                 **(extra_state or {}),
             }
             save_checkpoint(checkpoint_path, model, optimizer, scheduler, state)

@@ -60,7 +60,10 @@ CALIBRATION_EXAMPLES = 256
 # held in memory: 1024 at 224x224 are 600 MB.
 FIDELITY_EXAMPLES = 1024
 PARITY_EXAMPLES = 32
+# Test images curvature and the PGD curves are measured on.
+EVAL_EXAMPLES = 128
 BN_STATISTICS_BATCHES = 100
+BN_STATISTICS_BATCH_SIZE = 128
 # The original's accuracy under other common normalisations is checked on this many test images;
 # it is called wrong when another one scores PREPROCESSING_GAIN higher, or it is within
 # CHANCE_FACTOR of chance.
@@ -69,6 +72,7 @@ PREPROCESSING_GAIN = 0.2
 CHANCE_FACTOR = 1.5
 CURVATURE_PLOT = "curvature.png"
 TRAINING_PLOT = "training.png"
+ROBUSTNESS_PLOT = "robustness.png"
 MAX_IMAGE_SIZE = 4096
 MAX_CLASSES = 1_000_000
 MAX_SEED = 2**32 - 1  # numpy's generators take 32-bit seeds
@@ -99,7 +103,7 @@ class ConversionJob:
     interpolation: str | None = None
     data_dir: Path | None = None
     resume: bool = False
-    eval_examples: int = 256
+    eval_examples: int = EVAL_EXAMPLES
     training: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     @property
@@ -225,19 +229,42 @@ def _fit_head(model: nn.Module, job: ConversionJob, num_classes: int, dataset: s
     return False
 
 
-def measure(model: nn.Module, splits, examples: int) -> tuple[dict[str, Any], list[float]]:
-    """Accuracy, curvature and PGD accuracy on the first ``examples`` test images."""
-    from .measure import adversarial_accuracy, estimate_curvature, evaluate_accuracy
+def measure(
+    model: nn.Module, splits, examples: int, budgets: dict[str, float], epsilons: dict[str, list[float]] | None = None,
+) -> tuple[dict[str, Any], list[float]]:  # fmt: skip
+    """Accuracy, curvature and the L2 and L-inf robustness curves on the first ``examples`` test images.
+
+    ``budgets`` are the headline ones (``pgd_*_accuracy``); ``epsilons`` the budgets of each curve,
+    or None to run each from 0 until this model falls below CURVE_STOP_BELOW (the original's).
+    """
+    from .measure import CURVE_STOP_BELOW, curve_budgets, estimate_curvature, evaluate_accuracy, robustness_curve
 
     curvature = estimate_curvature(model, splits.test, max_examples=examples)
+    curves = {
+        norm: robustness_curve(
+            model, splits.test, norm, epsilons[norm] if epsilons else curve_budgets(norm, budgets[norm]),
+            mean=splits.mean, std=splits.std, max_examples=examples,
+            stop_below=None if epsilons else CURVE_STOP_BELOW, stop_from=budgets[norm],
+        )
+        for norm in ("l2", "linf")
+    }  # fmt: skip
     metrics = {
         "accuracy": evaluate_accuracy(model, splits.test),
         **{key: value for key, value in curvature.to_dict().items() if key != "num_examples"},
         "curvature_examples": curvature.num_examples,
-        "pgd_l2_accuracy": adversarial_accuracy(model, splits.test, "l2", mean=splits.mean, std=splits.std, max_examples=examples),
-        "pgd_linf_accuracy": adversarial_accuracy(model, splits.test, "linf", mean=splits.mean, std=splits.std, max_examples=examples),
+        "pgd_l2_accuracy": curves["l2"].at(budgets["l2"]),
+        "pgd_linf_accuracy": curves["linf"].at(budgets["linf"]),
+        "robustness": {norm: curve.to_dict() for norm, curve in curves.items()},
     }
     return metrics, list(curvature.per_example_curvature)
+
+
+def _curve_epsilons(run: Run) -> dict[str, list[float]] | None:
+    """The original's curve budgets, at which the converted and fine-tuned models are attacked."""
+    original = run.metrics.get("original")
+    if not original or "robustness" not in original:
+        return None
+    return {norm: list(curve["epsilons"]) for norm, curve in original["robustness"].items()}
 
 
 def run_conversion(job: ConversionJob, console: Console | None = None) -> RunReport | None:
@@ -258,7 +285,7 @@ def run_conversion(job: ConversionJob, console: Console | None = None) -> RunRep
     distributed = initialize(job.device) if job.finetune and launched_by_torchrun() else None
     directory: OutputDirectory | None = None
     try:
-        if distributed is not None and job.training.batch_size % distributed.world_size:
+        if distributed is not None and job.training.batch_size and job.training.batch_size % distributed.world_size:
             raise LcnnError(
                 f"--batch-size {job.training.batch_size} is the global batch and must be a multiple of the "
                 f"{distributed.world_size} processes"
@@ -366,6 +393,13 @@ class Run:
     def is_main(self) -> bool:
         return self.distributed is None or self.distributed.is_main
 
+    @property
+    def budgets(self) -> dict[str, float]:
+        """The headline PGD budgets of the run's dataset."""
+        from .measure import headline_budgets
+
+        return headline_budgets(self.job.dataset)
+
     def step(self, text: str, key: str, spinner: bool = True):
         return _step(self.console, text, self.timings, key, spinner)
 
@@ -396,14 +430,16 @@ def _run(
         run.metrics, run.curvatures = run.resume_state["metrics"], run.resume_state["curvatures"]
     elif run.splits is not None and run.is_main and job.measures:
         with run.step("measure the original", "measure_original"):
-            run.metrics["original"], run.curvatures["original"] = measure(run.model.to(device), run.splits, job.eval_examples)
+            run.metrics["original"], run.curvatures["original"] = measure(
+                run.model.to(device), run.splits, job.eval_examples, run.budgets
+            )
     if run.splits is not None and run.is_main and run.resume_state is None:
         _check_preprocessing(run)
     _convert(run)
     if run.resume_state is None and run.splits is not None and run.is_main and job.measures:
         with run.step("measure the conversion", "measure_converted"):
             run.metrics["converted"], run.curvatures["converted"] = measure(
-                run.converted.to(device), run.splits, job.eval_examples
+                run.converted.to(device), run.splits, job.eval_examples, run.budgets, _curve_epsilons(run)
             )
     if job.finetune:
         _finetune(run)
@@ -444,7 +480,7 @@ def _load_data(run: Run) -> None:
         step = "estimate BatchNorm statistics (the model's were never trained)"
         with run.step(step, "bn_statistics"):
             batches = recalibrate_batchnorm(
-                run.model.to(run.device), run.splits.train, BN_STATISTICS_BATCHES, job.training.batch_size, job.seed
+                run.model.to(run.device), run.splits.train, BN_STATISTICS_BATCHES, BN_STATISTICS_BATCH_SIZE, job.seed
             )
         run.bn_statistics = f"estimated on {batches} batches of {job.dataset} train: the model's were never trained"
     elif run.resume_state is not None:
@@ -600,7 +636,7 @@ def _finetune(run: Run) -> None:
         run.finetune_result = finetune(
             run.converted, run.splits.train, run.splits.test, job.training, checkpoint_path=run.out / CHECKPOINT_FILE,
             resume=run.resume_state, device=run.device, console=run.console, extra_state=extra,
-            distributed=run.distributed,
+            distributed=run.distributed, teacher=_teacher(run), statistics_data=run.splits.calibration_pool,
         )  # fmt: skip
     except RuntimeError as error:
         if run.distributed is None:
@@ -615,11 +651,21 @@ def _finetune(run: Run) -> None:
     run.timings["finetune"] = round(time.perf_counter() - start, 3)
     with run.step("measure the fine-tuned model", "measure_finetuned"):
         run.metrics["finetuned"], run.curvatures["finetuned"] = measure(
-            run.converted.to(run.device), run.splits, job.eval_examples
+            run.converted.to(run.device), run.splits, job.eval_examples, run.budgets, _curve_epsilons(run)
         )
         run.finetune_fidelity = measure_fidelity(
             run.model, run.converted, run.fidelity_inputs[0], f"{job.dataset} test"
         )
+
+
+def _teacher(run: Run) -> nn.Module | None:
+    """The original model, whose predictions are the fine-tuning's soft targets, when they mean
+    something: not from random weights, never-trained BatchNorm statistics or a head just reset
+    to the dataset's classes (an ImageNet model on CIFAR-10)."""
+    job = run.job
+    if run.head_reset or run.bn_statistics is not None or not (job.weights or job.pretrained):
+        return None
+    return run.model
 
 
 def _export_and_verify(run: Run) -> None:
@@ -649,11 +695,15 @@ def _report(run: Run) -> RunReport:
     if external_data_path(out / ONNX_FILE).is_file():
         files["onnx_data"] = external_data_path(ONNX_FILE).name
     finetune_summary = None
-    from .plots import plot_curvature, plot_training
+    from .plots import plot_curvature, plot_robustness, plot_training
 
     if run.curvatures:
         plot_curvature(run.curvatures, out / CURVATURE_PLOT)
         files["curvature_plot"] = CURVATURE_PLOT
+    curves = {name: metrics["robustness"] for name, metrics in run.metrics.items() if "robustness" in metrics}
+    if curves:
+        plot_robustness(curves, run.budgets, out / ROBUSTNESS_PLOT)
+        files["robustness_plot"] = ROBUSTNESS_PLOT
     if run.finetune_result is not None:
         finetune_summary = run.finetune_result.summary()
         plot_training(run.finetune_result.step_log, finetune_summary["history"], out / TRAINING_PLOT)
@@ -662,10 +712,10 @@ def _report(run: Run) -> RunReport:
         if run.distributed is not None:
             finetune_summary["distributed"] = {
                 "world_size": run.distributed.world_size, "backend": run.distributed.backend,
-                "batch_per_rank": job.training.batch_size // run.distributed.world_size,
+                "batch_per_rank": run.finetune_result.config.batch_size // run.distributed.world_size,
             }  # fmt: skip
         finetune_summary["fidelity"] = run.finetune_fidelity.to_dict() if run.finetune_fidelity else None
-        finetune_summary["config"] = asdict(job.training)
+        finetune_summary["distilled_from_original"] = _teacher(run) is not None and job.training.distill > 0
     fidelity = run.conversion.get("fidelity")
     report = RunReport(
         model=job.model,
@@ -686,7 +736,8 @@ def _report(run: Run) -> RunReport:
         files=files,
         timings_s=run.timings,
         metrics=run.metrics or None,
-        measurement={"examples": job.eval_examples, **measurement_protocol()} if run.metrics else None,
+        measurement={"examples": job.eval_examples, "headline_eps": run.budgets, **measurement_protocol(run.budgets)}
+        if run.metrics else None,
         finetune=finetune_summary,
         warnings=run.warnings,
         checksums=checksums(out, files.values()),
@@ -704,7 +755,7 @@ def _classes(model: nn.Module) -> int | None:
 # what each identity key is called on the command line, for the refusal
 _OPTION_NAMES = {
     "model": "MODEL", "weights": "--weights (contents)", "pretrained": "--pretrained", "dataset": "--finetune",
-    "training.lambda_grad": "--grad-norm",
+    "training.lambda_grad": "--grad-norm", "training.refresh_batchnorm": "--refresh-bn/--no-refresh-bn",
 }  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""Pictures for the output dir: curvature before/after and the training curves."""
+"""Pictures for the output dir: curvature before/after, robustness curves and the training curves."""
 
 from __future__ import annotations
 
@@ -34,6 +34,36 @@ def plot_curvature(per_example: Mapping[str, Sequence[float]], path: str | Path)
     axes.set_ylabel("examples")
     axes.legend()
     axes.set_title("Input curvature before and after")
+    figure.tight_layout()
+    return _save(plt, figure, path)
+
+
+def plot_robustness(
+    curves: Mapping[str, Mapping[str, Mapping]], headline: Mapping[str, float], path: str | Path
+) -> Path:
+    """PGD robust accuracy against the budget, L2 and L-inf side by side, one line per model;
+    ``curves`` maps a model's name to its ``RobustnessCurve.to_dict()`` per norm."""
+    from .measure import budget_text, norm_name
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, norm in zip(axes, ("l2", "linf")):
+        for name, by_norm in curves.items():
+            curve = by_norm.get(norm)
+            if curve:
+                scale = 255 if norm == "linf" else 1
+                axis.plot([eps * scale for eps in curve["epsilons"]], [100 * a for a in curve["accuracies"]],
+                          marker="o", label=name)  # fmt: skip
+        if norm in headline:
+            axis.axvline(headline[norm] * (255 if norm == "linf" else 1), color="grey", linestyle=":",
+                         label=f"headline ε {budget_text(norm, headline[norm])}")  # fmt: skip
+        axis.set_xlabel(f"PGD {norm_name(norm)} budget ε" + (" (×1/255)" if norm == "linf" else ""))
+        axis.set_ylabel("robust accuracy (%)")
+        axis.set_ylim(0, 100)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    examples = next((c["examples"] for by_norm in curves.values() for c in by_norm.values()), None)
+    figure.suptitle(f"Robustness curves ({examples} test images)" if examples else "Robustness curves")
     figure.tight_layout()
     return _save(plt, figure, path)
 

@@ -154,8 +154,25 @@ def _change(before: float | None, after: float | None, key: str) -> str:
     return "—"
 
 
-def metrics_table(metrics: dict[str, dict[str, Any]], finetune: dict[str, Any] | None = None) -> Table:
-    """original / converted / fine-tuned side by side, with the change from the original."""
+def _row_label(key: str, label: str, budgets: dict[str, float] | None) -> str:
+    norm = {"pgd_l2_accuracy": "l2", "pgd_linf_accuracy": "linf"}.get(key)
+    if norm is None or not budgets or norm not in budgets:
+        return label
+    from .measure import budget_text
+
+    return f"{label} (ε {budget_text(norm, budgets[norm])})"
+
+
+def _batch_text(finetune: dict[str, Any]) -> str:
+    config = finetune.get("config") or {}
+    return f" of {config['batch_size']}" if config.get("batch_size") else ""
+
+
+def metrics_table(
+    metrics: dict[str, dict[str, Any]], finetune: dict[str, Any] | None = None, budgets: dict[str, float] | None = None
+) -> Table:
+    """original / converted / fine-tuned side by side, with the change from the original;
+    ``budgets`` label the PGD rows with their headline budget."""
     columns = [name for name in ("original", "converted", "finetuned") if name in metrics]
     table = Table(title="accuracy, curvature and robustness (test set)")
     table.add_column("metric", style="bold")
@@ -164,7 +181,7 @@ def metrics_table(metrics: dict[str, dict[str, Any]], finetune: dict[str, Any] |
         if name != "original" and "original" in metrics:
             table.add_column("change", justify="right", style="cyan")
     for key, label, fmt in METRIC_ROWS:
-        row = [label]
+        row = [_row_label(key, label, budgets)]
         for name in columns:
             value = metrics[name].get(key)
             row.append("—" if value is None else fmt.format(value))
@@ -173,7 +190,8 @@ def metrics_table(metrics: dict[str, dict[str, Any]], finetune: dict[str, Any] |
         table.add_row(*row)
     if finetune:
         table.caption = (
-            f"fine-tuned {finetune['epochs']} epochs / {finetune['steps']} steps in {finetune['seconds']:.0f}s; "
+            f"fine-tuned {finetune['epochs']} epochs / {finetune['steps']} steps"
+            f"{_batch_text(finetune)} in {finetune['seconds']:.0f}s; "
             f"mean β {finetune['beta_mean']:.3g}, mean BN Lipschitz {finetune['lipschitz_mean']:.3g}"
         )
     return table
@@ -238,7 +256,8 @@ def print_report(report: RunReport, console: Console | None = None) -> None:
     table.add_row("  top-1 agreement", f"{parity.top1_agreement:.2%} over {parity.num_inputs} inputs{ties}")
     console.print(table)
     if report.metrics:
-        console.print(metrics_table(report.metrics, report.finetune))
+        budgets = (report.measurement or {}).get("headline_eps")
+        console.print(metrics_table(report.metrics, report.finetune, budgets))
     skipped = conversion["skipped"]
     if skipped:
         kept = Table(title="left as is", show_lines=False)

@@ -136,7 +136,7 @@ def trained_digits_net(digits) -> SmallDigitsNet:
 
 # Real architectures trained on digits the way the pipeline feeds them (its own preprocessing), as
 # stand-ins for downloaded pretrained models: name -> (image size, epochs). densenet121 needs 32x32.
-DIGITS_MODELS = {"torchvision:resnet18": (16, 6), "timm:resnet18": (16, 6), "torchvision:densenet121": (32, 5)}
+DIGITS_MODELS = {"torchvision:resnet18": (16, 10), "timm:resnet18": (16, 6), "torchvision:densenet121": (32, 5)}
 
 
 @dataclass

@@ -33,7 +33,10 @@ def test_finetune_digits_writes_metrics_plots_and_checkpoint(tmp_path, cli):
     assert result.code == 0, result.err
     assert "accuracy, curvature and robustness" in result.out and "finetuned" in result.out
     names = sorted(path.name for path in out.iterdir() if not path.name.startswith("."))
-    assert names == ["checkpoint.pt", "curvature.png", "model.onnx", "model.safetensors", "report.json", "training.png"]
+    assert names == [
+        "checkpoint.pt", "curvature.png", "model.onnx", "model.safetensors", "report.json", "robustness.png",
+        "training.png",
+    ]  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     assert report["dataset"] == "digits" and report["num_classes"] == 10
     assert set(report["metrics"]) == {"original", "converted", "finetuned"}
@@ -46,8 +49,22 @@ def test_finetune_digits_writes_metrics_plots_and_checkpoint(tmp_path, cli):
     assert finetune["epochs"] == 2 and finetune["steps"] == 12 and finetune["seconds"] > 0
     assert {"beta_mean", "lipschitz_mean", "history", "config"} <= set(finetune)
     assert report["parity"]["passed"]
-    for picture in ("curvature.png", "training.png"):
+    for picture in ("curvature.png", "robustness.png", "training.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the automatic values, as used; no teacher for random weights; the statistics refreshed
+    assert finetune["config"]["batch_size"] == 256 and finetune["config"]["beta_lr"] == pytest.approx(0.1)
+    assert finetune["distilled_from_original"] is False and finetune["batchnorm_refreshed"] is True
+    # robustness curves at the digits headline budgets; the table labels its rows with them
+    assert report["measurement"]["headline_eps"] == {"linf": pytest.approx(16 / 255), "l2": 1.0}
+    assert "16/255" in result.out  # the table's L-inf row names its budget
+    grid = {norm: report["metrics"]["original"]["robustness"][norm]["epsilons"] for norm in ("l2", "linf")}
+    for metrics in report["metrics"].values():
+        for norm in ("l2", "linf"):
+            curve = metrics["robustness"][norm]
+            assert curve["epsilons"] == grid[norm] and curve["epsilons"][0] == 0 and curve["examples"] == 16
+            assert curve["accuracies"] == sorted(curve["accuracies"], reverse=True)
+            assert curve["accuracies"][0] == pytest.approx(metrics["accuracy"], abs=0.5)  # 16 images vs all
+        assert metrics["pgd_linf_accuracy"] in metrics["robustness"]["linf"]["accuracies"]
 
 
 @pytest.mark.slow
@@ -132,7 +149,8 @@ def test_kill_minus_9_during_export_then_resume_completes(tmp_path):
     report = json.loads(resumed.stdout)
     assert report["parity"]["passed"] and report["finetune"]["epochs"] == 1
     assert sorted(path.name for path in out.iterdir() if not path.name.startswith(".")) == [
-        "checkpoint.pt", "curvature.png", "model.onnx", "model.safetensors", "report.json", "training.png"
+        "checkpoint.pt", "curvature.png", "model.onnx", "model.safetensors", "report.json", "robustness.png",
+        "training.png",
     ]  # fmt: skip
     assert not (out / ".lcnn-partial").exists()
 
@@ -145,7 +163,9 @@ def test_finetune_bad_inputs_leave_an_existing_output_untouched(tmp_path, cli):
     (empty / "val" / "a").mkdir(parents=True)
     cases = [
         (("--finetune", "digits", "--epochs", "0"), "--epochs must be >= 1"),
-        (("--finetune", "digits", "--lambda-beta", "-1"), "--lambda-beta must be >= 0"),
+        (("--finetune", "digits", "--smoothness", "-1"), "--smoothness must be >= 0"),
+        (("--finetune", "digits", "--distill", "2"), "--distill must lie in [0, 1]"),
+        (("--finetune", "digits", "--beta-lr", "0"), "--beta-lr must be > 0"),
         (("--finetune", "digits", "--grad-norm", "-0.5"), "--grad-norm must be >= 0"),
         (("--finetune", f"folder:{tmp_path / 'missing'}"), "missing"),
         (("--finetune", f"folder:{empty}"), "no images"),

@@ -61,7 +61,7 @@ def test_two_gloo_processes_match_a_single_process_run(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
 
     names = sorted(path.name for path in (tmp_path / "ddp").iterdir() if not path.name.startswith("."))
-    assert names == ["checkpoint.pt", "curvature.png", "model.onnx", "model.safetensors", "report.json", "training.png"]
+    assert names == ["checkpoint.pt", "curvature.png", "model.onnx", "model.safetensors", "report.json", "robustness.png", "training.png"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["ddp", "single"]  # no other rank wrote anything
     report = json.loads((tmp_path / "ddp" / "report.json").read_text())
     reference = json.loads((tmp_path / "single" / "report.json").read_text())

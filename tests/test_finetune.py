@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import lcnn_convert as lc
-from lcnn_convert.finetune import FinetuneConfig, _parameter_groups, finetune, load_checkpoint, regularisers
+from lcnn_convert.finetune import BETA_LR_FACTOR, FinetuneConfig, _parameter_groups, finetune, load_checkpoint, regularisers
 
 from .conftest import SmallDigitsNet
 
@@ -31,18 +33,21 @@ def test_regularisers_sum_beta_and_abs_log_gamma(digits):
     gammas = [m.log_gamma for m in model.modules() if isinstance(m, lc.LipschitzBatchNorm)]
     assert beta_sum.item() == pytest.approx(sum(b.item() for b in betas)) == pytest.approx(40.0, rel=1e-5)
     assert gamma_sum.item() == pytest.approx(sum(abs(g.item()) for g in gammas))
-    groups = _parameter_groups(model, 5e-4)
+    groups = _parameter_groups(model, FinetuneConfig(weight_decay=5e-4).resolved(1000))
     no_decay = {id(p) for p in groups[1]["params"]}
     assert groups[1]["weight_decay"] == 0.0
-    assert all(id(m.log_beta) in no_decay for m in model.modules() if isinstance(m, lc.CenteredSoftplus))
     assert all(id(m.log_gamma) in no_decay for m in model.modules() if isinstance(m, lc.LipschitzBatchNorm))
     assert all(p.ndim > 1 for p in groups[0]["params"])
+    # log beta in a group of its own, at BETA_LR_FACTOR x lr and without decay
+    log_betas = {id(m.log_beta) for m in model.modules() if isinstance(m, lc.CenteredSoftplus)}
+    assert {id(p) for p in groups[2]["params"]} == log_betas
+    assert groups[2]["lr"] == pytest.approx(BETA_LR_FACTOR * groups[0]["lr"]) and groups[2]["weight_decay"] == 0.0
 
 
 def test_finetuning_learns_and_the_beta_penalty_lowers_beta(digits, digit_tensors):
     train, test = digit_tensors
     model = converted_net(digits)
-    config = FinetuneConfig(epochs=2, batch_size=64, lr=0.05, lambda_beta=0.05)
+    config = FinetuneConfig(epochs=2, batch_size=64, lr=0.05, smoothness=5.0)
     result = finetune(model, train, test, config)
     assert [record.epoch for record in result.history] == [1, 2] and result.steps == 16
     assert result.history[-1].test_accuracy > 0.7
@@ -51,7 +56,7 @@ def test_finetuning_learns_and_the_beta_penalty_lowers_beta(digits, digit_tensor
     assert not model.training
     for record in result.history:
         assert record.loss == pytest.approx(
-            record.cross_entropy + record.beta_term + record.gamma_term + record.grad_term, rel=1e-5
+            record.label_loss + record.beta_term + record.gamma_term + record.grad_term, rel=1e-5
         )
     with_penalty = finetune(converted_net(digits), train, test, FinetuneConfig(epochs=1, batch_size=64, lambda_grad=1.0))
     assert with_penalty.history[0].grad_term > 0
@@ -103,7 +108,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits, digit_tensors
     "field,value,message",
     [
         ("epochs", 0, "--epochs must be >= 1"),
-        ("lambda_beta", -1.0, "--lambda-beta must be >= 0"),
+        ("smoothness", -1.0, "--smoothness must be >= 0"),
+        ("beta_lr", 0.0, "--beta-lr must be > 0"),
+        ("distill", 1.5, re.escape("--distill must lie in [0, 1]")),
         ("lambda_gamma", -0.1, "--lambda-gamma must be >= 0"),
         ("lambda_grad", -2.0, "--grad-norm must be >= 0"),
         ("lr", 0.0, "--lr must be > 0"),

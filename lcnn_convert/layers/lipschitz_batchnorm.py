@@ -139,7 +139,9 @@ class LipschitzBatchNorm(nn.Module):
                 largest_gain = float(self.channel_gains().max())
                 if largest_gain > MIN_GAIN:
                     if float(held) < 1.0:
-                        self.log_gamma.fill_(math.log(float(held) * largest_gain))
+                        # a clip that underflowed to 0 (gamma far below every channel's gain) stays
+                        # the smallest representable one
+                        self.log_gamma.fill_(math.log(max(float(held) * largest_gain, MIN_GAIN)))
                     elif float(self.log_gamma.exp()) < largest_gain:
                         self.log_gamma.fill_(_log_at_least(self.channel_gains().max()))
 
