@@ -86,7 +86,7 @@ def test_distillation_follows_the_teacher(digits, digit_tensors):
     teacher = copy.deepcopy(converted_net(digits)).eval()
     alone = finetune(converted_net(digits), train, test, config)
     taught_model = converted_net(digits)
-    taught = finetune(taught_model, train, test, FinetuneConfig(distill=1.0, **vars(config)), teacher=teacher)
+    taught = finetune(taught_model, train, test, FinetuneConfig(**{**vars(config), "distill": 1.0}), teacher=teacher)
     assert taught.history[0].label_loss != pytest.approx(alone.history[0].label_loss, rel=1e-3)
     assert all(not p.requires_grad for p in teacher.parameters())  # the teacher is not trained
 
