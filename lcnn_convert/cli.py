@@ -131,7 +131,7 @@ def convert_command(
     smoothness: Annotated[
         float,
         typer.Option(help="The accuracy/curvature trade-off: weight of sum(beta) in the loss, in units of 0.01 "
-                     "(0: no beta penalty; 0.5: less smooth, +0.3 pt; 3: smoother, may cost accuracy)."),
+                     "(0: no beta penalty; lower keeps more accuracy, higher lowers curvature more)."),
     ] = 1.0,
     lambda_gamma: Annotated[float, typer.Option(help="Weight of sum(|log gamma|) in the loss.")] = 1e-2,
     grad_norm: Annotated[
