@@ -12,11 +12,12 @@ import importlib
 import os
 from typing import TYPE_CHECKING, Any
 
-# Intel MKL (torch's CPU BLAS) otherwise picks its code path by each buffer's memory alignment
-# and thread timing, so the same fine-tuning run in two processes can differ in the last bits
-# and a --resume would not repeat an uninterrupted run exactly (seen with an unaligned matmul:
-# 2 of 5 offsets gave other bits). "AUTO" keeps the fastest path for the CPU but makes it
-# repeatable; it takes effect only if torch has not been imported yet, and a user's setting wins.
+# Intel MKL (torch's CPU BLAS) otherwise picks its code path by each buffer's memory alignment,
+# so the same fine-tuning run in two processes can differ in the last bits and a --resume would
+# not repeat an uninterrupted run exactly (a Linear layer's matmul with its operands 1 or 3
+# floats off a 32-byte boundary gave other bits). "AUTO" keeps the fastest path for the CPU but makes it
+# repeatable. MKL reads it at its first call (an import of torch before this one is fine), and a
+# user's own setting wins.
 os.environ.setdefault("MKL_CBWR", "AUTO")
 
 __version__ = "0.1.0"
