@@ -26,7 +26,8 @@ app = typer.Typer(
     help=(
         "Convert a pretrained torchvision/timm CNN into a low-curvature network (LCNN), export it to "
         "ONNX and prove parity in onnxruntime.\n\n"
-        "Main form: lcnn-convert MODEL [OPTIONS] (the same as lcnn-convert convert MODEL [OPTIONS])."
+        "Main form: lcnn-convert MODEL [OPTIONS] (the same as lcnn-convert convert MODEL [OPTIONS]); "
+        "options may come before MODEL too."
     ),
     add_completion=False,
     no_args_is_help=True,
@@ -34,6 +35,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 COMMANDS = ("convert", "verify")
+GROUP_OPTIONS = ("--help",)
 # Typer vendors click in recent releases and uses the real one in older ones; its exceptions
 # derive from whichever ClickException is in use.
 DATASET_NAMES = "digits, cifar10, cifar100, svhn or folder:PATH"
@@ -226,7 +228,9 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv) or ["--help"]
-    if args and args[0] not in COMMANDS and not args[0].startswith("-"):
+    # The main form: anything but a command name or the group's own --help is the convert
+    # command's, so its options may come before MODEL as well as after it.
+    if args[0] not in COMMANDS and args[0] not in GROUP_OPTIONS:
         args.insert(0, "convert")
     # SIGTERM (docker stop, a batch scheduler, torchrun) unwinds like Ctrl-C: partial outputs are
     # removed, checkpoints kept, and one line says so.

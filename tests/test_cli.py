@@ -101,6 +101,22 @@ def test_help_explains_the_main_form():
         assert option in result.stdout
 
 
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["-o", "{out}", "--no-pretrained", "--image-size", "32", "resnt18"], ["unknown model 'resnt18'"]),
+        (["--no-pretrained", "--beta", "0", "-o", "{out}", "resnet18", "--image-size", "32"], ["--beta must be 'auto'"]),
+        (["--frobnicate", "resnet18"], ["No such option: --frobnicate"]),
+    ],
+    ids=["all options first", "options on both sides", "unknown option first"],
+)
+def test_options_may_come_before_the_model(args, fragments, cli, tmp_path):
+    out = tmp_path / "out"
+    result = cli(*[arg.format(out=out) for arg in args])
+    assert_one_line_error(result, *fragments)
+    assert not out.exists()
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("checkpoints")
