@@ -446,9 +446,17 @@ class RobustnessCurve:
 
 def _attack_copy(model: nn.Module) -> nn.Module:
     """An eval copy that needs no parameter gradients, with the input-Hessian stand-ins (their
-    cheaper backward gives the same input gradients; 10.5 s instead of 16.5 s of PGD on densenet121)."""
+    cheaper backward gives the same input gradients; 10.5 s instead of 16.5 s of PGD on densenet121).
+
+    The weights of a 2-d conv net are laid out channels-last: oneDNN's convolutions run faster
+    on them (a PGD step of resnet18 at 32x32, batch 128, on 2 CPU cores: 173 ms instead of 279 ms;
+    the logits agree to 4e-6). Inputs stay as they are.
+    """
     attacked = copy.deepcopy(model).eval()
     swap_for_input_hessian(attacked)
+    dims = {tensor.dim() for tensor in [*attacked.parameters(), *attacked.buffers()]}
+    if 4 in dims and 5 not in dims:
+        attacked = attacked.to(memory_format=torch.channels_last)
     return attacked.requires_grad_(False)
 
 

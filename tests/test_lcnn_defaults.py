@@ -10,6 +10,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
+from torch import nn
 from torch.utils.data import TensorDataset
 
 import lcnn_convert as lc
@@ -25,6 +27,7 @@ from lcnn_convert.finetune import (
 )
 from lcnn_convert.measure import (
     CURVE_STOP_BELOW,
+    _attack_copy,
     _unbroken_by_pgd,
     curve_budgets,
     headline_budgets,
@@ -148,6 +151,23 @@ def test_a_robustness_curve_never_rises_and_is_at_least_as_strong_as_pgd(trained
     assert stopped.accuracies[-1] < CURVE_STOP_BELOW or stopped.epsilons == curve.epsilons
     assert all(accuracy >= CURVE_STOP_BELOW for accuracy, e in zip(stopped.accuracies[:-1], stopped.epsilons) if e >= eps)
     assert curve.at(0.123) is None
+
+
+def test_the_attack_copy_is_channels_last_and_computes_what_the_model_does():
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    images = torch.randn(4, 3, 32, 32)
+    attacked = _attack_copy(net)
+    convolutions = [t for t in attacked.parameters() if t.dim() == 4] + [t for t in attacked.buffers() if t.dim() == 4]
+    assert convolutions and all(t.is_contiguous(memory_format=torch.channels_last) for t in convolutions)
+    assert net.conv1.weight.is_contiguous()  # the model itself is left as it was
+    with torch.no_grad():
+        assert torch.allclose(attacked(images), net(images), atol=1e-5, rtol=1e-5)
+    volumetric = nn.Sequential(nn.Conv3d(1, 4, 3), nn.Flatten(), nn.LazyLinear(2)).eval()
+    clip = torch.randn(2, 1, 5, 5, 5)
+    volumetric(clip)
+    with torch.no_grad():  # 5-d weights have no channels-last layout of rank 4: left alone
+        assert torch.allclose(_attack_copy(volumetric)(clip), volumetric(clip), atol=1e-6)
 
 
 def test_the_robustness_plot_is_a_png(tmp_path):
