@@ -12,13 +12,24 @@ import json
 import signal
 import sys
 from collections.abc import Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
-from .errors import Interrupted, LcnnError, Terminated, first_line
+from .defaults import (
+    CALIBRATION_EXAMPLES,
+    DEFAULT_ATOL,
+    DEFAULT_LOGIT_TOLERANCE,
+    DEFAULT_MIN_AGREEMENT,
+    DEFAULT_OPSET,
+    DEFAULT_RANDOM_INPUTS,
+    EVAL_EXAMPLES,
+)
+from .errors import Interrupted, InvalidSetting, LcnnError, Terminated, first_line
+from .finetune_config import AUTO_BATCH_SIZES, BETA_LR_FACTOR, LAMBDA_BETA_PER_SMOOTHNESS, MIN_STEPS_PER_EPOCH, FinetuneConfig
 from .io import out_of_space
 
 app = typer.Typer(
@@ -41,6 +52,33 @@ GROUP_OPTIONS = ("--help",)
 DATASET_NAMES = "digits, cifar10, cifar100, svhn or folder:PATH"
 CLICK_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
 MAX_VERIFY_INPUTS = 10_000
+# The fine-tuning options' defaults are FinetuneConfig's.
+TRAINING = FinetuneConfig()
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    onecycle = "onecycle"
+
+
+# The options whose name is not "--" + the FinetuneConfig field's, dashed.
+OPTION_OF_SETTING = {"lambda_grad": "--grad-norm", "refresh_batchnorm": "--refresh-bn"}
+
+
+def option_of(setting: str) -> str:
+    """The CLI option that sets a config field."""
+    return OPTION_OF_SETTING.get(setting, "--" + setting.replace("_", "-"))
 
 
 @contextlib.contextmanager
@@ -75,10 +113,10 @@ def convert_command(
         Optional[Path], typer.Option("--output", "-o", help="Output dir (default ./lcnn-out/MODEL).")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output dir.")] = False,
-    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 17,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda (used for conversion).")] = "auto",
-    atol: Annotated[float, typer.Option(help="Parity gate on the logits' max abs difference.")] = 1e-4,
-    seed: Annotated[int, typer.Option(help="Seed of the calibration and verification inputs.")] = 0,
+    opset: Annotated[int, typer.Option(help=f"ONNX opset (>= {DEFAULT_OPSET}).")] = DEFAULT_OPSET,
+    device: Annotated[Device, typer.Option(help="Where to convert, fine-tune and measure (auto: cuda when there is one).")] = Device.auto,
+    atol: Annotated[float, typer.Option(help="Parity gate on the logits' max abs difference.")] = DEFAULT_ATOL,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration and verification inputs.")] = TRAINING.seed,
     json_output: Annotated[bool, typer.Option("--json", help="Print report.json instead of tables.")] = False,
     finetune: Annotated[
         Optional[str],
@@ -94,14 +132,14 @@ def convert_command(
             "(default without a dataset: inputs synthesised from the model's BatchNorm statistics)."
         ),
     ] = None,
-    calibration_examples: Annotated[int, typer.Option(help="Train images beta is calibrated on.")] = 256,
+    calibration_examples: Annotated[int, typer.Option(help="Train images beta is calibrated on.")] = CALIBRATION_EXAMPLES,
     min_agreement: Annotated[
         float,
         typer.Option(help="Fidelity gate: least top-1 agreement with the original on real held-out images."),
-    ] = 0.99,
+    ] = DEFAULT_MIN_AGREEMENT,
     logit_tolerance: Annotated[
         float, typer.Option(help="Calibration target: mean relative logit error allowed against the original.")
-    ] = 0.02,
+    ] = DEFAULT_LOGIT_TOLERANCE,
     mean: Annotated[
         Optional[tuple[float, float, float]],
         typer.Option(metavar="R G B", help="Normalisation mean the model was trained with (default: its data config)."),
@@ -117,52 +155,53 @@ def convert_command(
         Optional[Path], typer.Option(help="Where datasets are (or are downloaded to); default a cache folder.")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted --finetune run from its checkpoint.")] = False,
-    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 3,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = TRAINING.epochs,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop fine-tuning after this many steps.")] = None,
     batch_size: Annotated[
         Optional[int],
-        typer.Option(help="Fine-tuning batch size (default: the largest of 128/64/32/16 giving 40 steps an epoch)."),
+        typer.Option(help=f"Fine-tuning batch size (default: the largest of {'/'.join(map(str, AUTO_BATCH_SIZES))} giving "
+                     f"{MIN_STEPS_PER_EPOCH} steps an epoch)."),
     ] = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 0.01,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = TRAINING.lr,
     beta_lr: Annotated[
-        Optional[float], typer.Option(help="Peak learning rate of log beta (default: 10 x --lr).")
+        Optional[float], typer.Option(help=f"Peak learning rate of log beta (default: {BETA_LR_FACTOR:g} x --lr).")
     ] = None,
-    optimizer: Annotated[str, typer.Option(help="sgd (momentum 0.9, Nesterov) or adamw.")] = "sgd",
-    schedule: Annotated[str, typer.Option(help="cosine or onecycle.")] = "cosine",
-    weight_decay: Annotated[float, typer.Option(help="Weight decay (never on beta, gamma, scales, biases).")] = 5e-4,
+    optimizer: Annotated[Optimizer, typer.Option(help="sgd: momentum 0.9, Nesterov.")] = Optimizer(TRAINING.optimizer),
+    schedule: Annotated[Schedule, typer.Option(help="The learning rate's schedule over the run.")] = Schedule(TRAINING.schedule),
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (never on beta, gamma, scales, biases).")] = TRAINING.weight_decay,
     smoothness: Annotated[
         float,
-        typer.Option(help="The accuracy/curvature trade-off: weight of sum(beta) in the loss, in units of 0.01 "
+        typer.Option(help="The accuracy/curvature trade-off: weight of sum(beta) in the loss, in units of "
+                     f"{LAMBDA_BETA_PER_SMOOTHNESS:g} "
                      "(0: no beta penalty; lower keeps more accuracy, higher lowers curvature more)."),
-    ] = 1.0,
-    lambda_gamma: Annotated[float, typer.Option(help="Weight of sum(|log gamma|) in the loss.")] = 1e-2,
+    ] = TRAINING.smoothness,
+    lambda_gamma: Annotated[float, typer.Option(help="Weight of sum(|log gamma|) in the loss.")] = TRAINING.lambda_gamma,
     grad_norm: Annotated[
         float, typer.Option(help="Weight of the input-gradient-norm penalty (double backprop; 0 = off).")
-    ] = 0.0,
+    ] = TRAINING.lambda_grad,
     distill: Annotated[
         float, typer.Option(help="Share of the loss that is KL to the original model's predictions (0 = labels only).")
-    ] = 0.5,
+    ] = TRAINING.distill,
     refresh_bn: Annotated[
         bool,
         typer.Option("--refresh-bn/--no-refresh-bn",
                      help="Re-estimate BatchNorm statistics for the final betas after the last epoch."),
-    ] = True,
-    eval_examples: Annotated[int, typer.Option(help="Test examples for curvature and PGD.")] = 128,
+    ] = TRAINING.refresh_batchnorm,
+    eval_examples: Annotated[int, typer.Option(help="Test examples for curvature and PGD.")] = EVAL_EXAMPLES,
 ) -> None:
     """Convert MODEL, write model.onnx, model.safetensors and report.json, and check ONNX parity."""
     with _interruptible():
-        from .finetune import FinetuneConfig
         from .pipeline import ConversionJob, parse_beta, run_conversion
         from .report import print_report
 
     training = FinetuneConfig(
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, beta_lr=beta_lr, optimizer=optimizer,
-        schedule=schedule, weight_decay=weight_decay, smoothness=smoothness, lambda_gamma=lambda_gamma,
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, beta_lr=beta_lr, optimizer=optimizer.value,
+        schedule=schedule.value, weight_decay=weight_decay, smoothness=smoothness, lambda_gamma=lambda_gamma,
         lambda_grad=grad_norm, distill=distill, refresh_batchnorm=refresh_bn,
     )  # fmt: skip
     job = ConversionJob(
         model=model, weights=weights, pretrained=pretrained, num_classes=num_classes, beta=parse_beta(beta),
-        image_size=image_size, output=output, overwrite=overwrite, opset=opset, device=device, atol=atol, seed=seed,
+        image_size=image_size, output=output, overwrite=overwrite, opset=opset, device=device.value, atol=atol, seed=seed,
         finetune=finetune, evaluate=evaluate, calibrate=calibrate, calibration_examples=calibration_examples,
         min_agreement=min_agreement, logit_tolerance=logit_tolerance, mean=mean, std=std, interpolation=interpolation,
         data_dir=data_dir, resume=resume, eval_examples=eval_examples, training=training,
@@ -184,8 +223,8 @@ def convert_command(
 @app.command("verify", short_help="Re-check an output dir's ONNX against its weights.")
 def verify_command(
     directory: Annotated[Path, typer.Argument(help="An output dir written by lcnn-convert.")],
-    atol: Annotated[float, typer.Option(help="Parity gate on the logits' max abs difference.")] = 1e-4,
-    num_inputs: Annotated[int, typer.Option(help="Random inputs to compare on.")] = 16,
+    atol: Annotated[float, typer.Option(help="Parity gate on the logits' max abs difference.")] = DEFAULT_ATOL,
+    num_inputs: Annotated[int, typer.Option(help="Random inputs to compare on.")] = DEFAULT_RANDOM_INPUTS,
 ) -> None:
     """Re-check an output dir: its files against report.json's checksums, then model.onnx against
     the model rebuilt from model.safetensors."""
@@ -251,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{_rank_prefix()}{error}", file=sys.stderr)
         return error.exit_code
     except LcnnError as error:
-        print(f"error: {_rank_prefix()}{error}", file=sys.stderr)
+        text = error.named(option_of(error.setting)) if isinstance(error, InvalidSetting) else str(error)
+        print(f"error: {_rank_prefix()}{text}", file=sys.stderr)
         return 1
     except CLICK_ERROR as error:
         print(f"error: {error.format_message()} (see lcnn-convert --help)", file=sys.stderr)

@@ -14,6 +14,21 @@ class LcnnError(Exception):
     exit_code = 1
 
 
+class InvalidSetting(LcnnError):
+    """A config object's field out of its range, in the library's own words ("lr must be > 0").
+
+    ``setting`` is the field's name, so that a front end can say it in its own terms
+    (``named("--lr")``: the CLI's option for that field).
+    """
+
+    def __init__(self, setting: str, requirement: str, value: object) -> None:
+        self.setting, self.requirement, self.value = setting, requirement, value
+        super().__init__(self.named(setting))
+
+    def named(self, name: str) -> str:
+        return f"{name} {self.requirement}, got {self.value}"
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C would be, so that a terminated run cleans up like an interrupted one."""
 

@@ -18,11 +18,11 @@ import onnx
 import torch
 from torch import nn
 
+from .defaults import DEFAULT_OPSET
 from .errors import LcnnError, first_line
 from .io import out_of_space
 from .layers.inference import freeze_for_inference
 
-DEFAULT_OPSET = 17
 # The newest opset torch.onnx writes (onnxruntime runs it); past it the exporter silently writes another.
 MAX_OPSET = 23
 INPUT_NAME = "input"

@@ -17,7 +17,6 @@ from torch import nn
 
 from .conversion.calibrate import first_tensor
 
-DEFAULT_MIN_AGREEMENT = 0.99
 FIDELITY_BATCH = 256
 
 

@@ -25,9 +25,9 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +42,14 @@ from .bn_statistics import recalibrate_batchnorm
 from .distributed import DistributedContext, sum_across_ranks
 from .data import UnreadableExample
 from .errors import LcnnError, first_line
+from .finetune_config import (  # noqa: F401  (re-exported: the names this stage has always had)
+    AUTO_BATCH_SIZES,
+    BETA_LR_FACTOR,
+    LAMBDA_BETA_PER_SMOOTHNESS,
+    MIN_STEPS_PER_EPOCH,
+    FinetuneConfig,
+    auto_batch_size,
+)
 from .io import atomic_file
 from .layers import CenteredSoftplus, LipschitzBatchNorm
 from .layers.centered_softplus import BETA_MAX
@@ -52,13 +60,6 @@ CHECKPOINT_FILE = "checkpoint.pt"
 NO_DECAY_SUFFIXES = ("log_beta", "log_gamma", "scale")
 
 
-# The automatic batch size: the largest of these that gives an epoch MIN_STEPS_PER_EPOCH steps
-# (digits' 1,437 training images: 32, 135 steps in 3 epochs; CIFAR: 128).
-AUTO_BATCH_SIZES = (128, 64, 32, 16)
-MIN_STEPS_PER_EPOCH = 40
-BETA_LR_FACTOR = 10.0
-# --smoothness 1 puts this weight on sum(beta).
-LAMBDA_BETA_PER_SMOOTHNESS = 1e-2
 # Fine-tuning keeps beta at or above this: below it the activation is nearly linear over the
 # pre-activations' range (little more smoothness to gain), and float32 rounding of the exported
 # (softplus(beta x) - log 2) / beta grows as 1/beta (beta 0.03 from random weights: ONNX parity
@@ -67,69 +68,6 @@ FINETUNE_BETA_MIN = 0.1
 # The BatchNorm statistics after the last epoch: batches of REFRESH_BATCH_SIZE unaugmented train images.
 REFRESH_BATCHES = 20
 REFRESH_BATCH_SIZE = 128
-
-
-def auto_batch_size(train_examples: int, world_size: int = 1) -> int:
-    """The largest of AUTO_BATCH_SIZES with at least MIN_STEPS_PER_EPOCH steps an epoch (the
-    smallest when none has), a multiple of ``world_size``."""
-    for size in AUTO_BATCH_SIZES:
-        if math.ceil(train_examples / size) >= MIN_STEPS_PER_EPOCH and size % world_size == 0:
-            return size
-    smallest = AUTO_BATCH_SIZES[-1]
-    return smallest if smallest % world_size == 0 else world_size * max(1, smallest // world_size)
-
-
-@dataclass
-class FinetuneConfig:
-    """Every setting of a fine-tuning run. ``batch_size`` and ``beta_lr`` None mean automatic
-    (``resolved`` fills them in); ``smoothness`` is the one knob of the accuracy/curvature trade-off."""
-
-    epochs: int = 3
-    max_steps: int | None = None
-    batch_size: int | None = None
-    lr: float = 0.01
-    beta_lr: float | None = None
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    schedule: Literal["cosine", "onecycle"] = "cosine"
-    weight_decay: float = 5e-4
-    smoothness: float = 1.0
-    lambda_gamma: float = 1e-2
-    lambda_grad: float = 0.0
-    distill: float = 0.5
-    refresh_batchnorm: bool = True
-    seed: int = 0
-
-    @property
-    def lambda_beta(self) -> float:
-        """The weight of sum(beta) in the loss."""
-        return LAMBDA_BETA_PER_SMOOTHNESS * self.smoothness
-
-    def resolved(self, train_examples: int, world_size: int = 1) -> FinetuneConfig:
-        """This config with the automatic values filled in for a train split of ``train_examples``."""
-        return replace(
-            self,
-            batch_size=self.batch_size if self.batch_size is not None else auto_batch_size(train_examples, world_size),
-            beta_lr=self.beta_lr if self.beta_lr is not None else BETA_LR_FACTOR * self.lr,
-        )
-
-    def validate(self) -> None:
-        checks = [
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}"),
-            (self.batch_size is None or self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (self.beta_lr is None or self.beta_lr > 0, f"--beta-lr must be > 0, got {self.beta_lr}"),
-            (self.optimizer in ("sgd", "adamw"), f"--optimizer must be sgd or adamw, got {self.optimizer}"),
-            (self.schedule in ("cosine", "onecycle"), f"--schedule must be cosine or onecycle, got {self.schedule}"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (self.smoothness >= 0, f"--smoothness must be >= 0, got {self.smoothness}"),
-            (self.lambda_gamma >= 0, f"--lambda-gamma must be >= 0, got {self.lambda_gamma}"),
-            (self.lambda_grad >= 0, f"--grad-norm must be >= 0, got {self.lambda_grad}"),
-            (0 <= self.distill <= 1, f"--distill must lie in [0, 1], got {self.distill}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise LcnnError(message)
 
 
 @dataclass

@@ -26,7 +26,6 @@ from .artifacts import ONNX_FILE, REPORT_FILE, WEIGHTS_FILE, checksum, checksums
 from .bn_statistics import has_untrained_batchnorm, recalibrate_batchnorm
 from .conversion import CalibrationData, ConvertOptions, convert_with_options
 from .conversion.api import synthetic_calibration_data
-from .conversion.calibrate import DEFAULT_LOGIT_TOLERANCE
 from .conversion.synthetic import can_synthesize
 from .distributed import (
     DistributedContext,
@@ -37,8 +36,16 @@ from .distributed import (
     shutdown,
 )
 from .errors import Interrupted, LcnnError, first_line
-from .export import DEFAULT_OPSET, DYNAMO_MIN_OPSET, check_opset, export_onnx, external_data_path, written_opset
-from .fidelity import DEFAULT_MIN_AGREEMENT, Fidelity, measure_fidelity
+from .defaults import (
+    CALIBRATION_EXAMPLES,
+    DEFAULT_ATOL,
+    DEFAULT_LOGIT_TOLERANCE,
+    DEFAULT_MIN_AGREEMENT,
+    DEFAULT_OPSET,
+    EVAL_EXAMPLES,
+)
+from .export import DYNAMO_MIN_OPSET, check_opset, export_onnx, external_data_path, written_opset
+from .fidelity import Fidelity, measure_fidelity
 from .finetune import CHECKPOINT_FILE, FinetuneConfig, finetune, load_checkpoint
 from .io import OutputDirectory
 from .layers.centered_softplus import BETA_MAX, BETA_MIN
@@ -53,15 +60,12 @@ from .models import (
 )
 from .preprocessing import Preprocessing, check_overrides, preprocessing_candidates, preprocessing_for
 from .report import FidelityGate, RunReport, write_report
-from .verify import DEFAULT_ATOL, ParityResult, verify_onnx
+from .verify import ParityResult, verify_onnx
 
-CALIBRATION_EXAMPLES = 256
 # Test images the converted model is compared with the original on (all of a smaller test split),
 # held in memory: 1024 at 224x224 are 600 MB.
 FIDELITY_EXAMPLES = 1024
 PARITY_EXAMPLES = 32
-# Test images curvature and the PGD curves are measured on.
-EVAL_EXAMPLES = 128
 BN_STATISTICS_BATCHES = 100
 BN_STATISTICS_BATCH_SIZE = 128
 # The original's accuracy under other common normalisations is checked on this many test images;

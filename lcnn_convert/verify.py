@@ -12,11 +12,10 @@ import torch
 from torch import nn
 
 from .conversion.calibrate import first_tensor
+from .defaults import DEFAULT_ATOL, DEFAULT_RANDOM_INPUTS
 from .errors import LcnnError, first_line
 
-DEFAULT_ATOL = 1e-4
 DEFAULT_MIN_TOP1 = 1.0
-DEFAULT_RANDOM_INPUTS = 16
 DEFAULT_TIE_TOLERANCE = 1e-5
 
 

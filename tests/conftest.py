@@ -42,6 +42,23 @@ class CliResult:
 
 
 @pytest.fixture
+def offline(monkeypatch):
+    """Weight downloads fail as they do without a network, whether or not this machine has one
+    or a cache of the weights: torchvision's and timm's fetches raise URLError."""
+    import urllib.error
+
+    import timm.models._builder
+    import torchvision.models._api
+
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable (a test's offline fixture)")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", unreachable)
+    for name in ("load_state_dict_from_url", "load_state_dict_from_hf", "download_cached_file"):
+        monkeypatch.setattr(timm.models._builder, name, unreachable)
+
+
+@pytest.fixture
 def cli(capsys):
     """Run lcnn-convert in-process, the way the console script does."""
 

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import lcnn_convert as lc
+from lcnn_convert.errors import InvalidSetting
 from lcnn_convert.finetune import BETA_LR_FACTOR, FinetuneConfig, _parameter_groups, finetune, load_checkpoint, regularisers
 
 from .conftest import SmallDigitsNet
@@ -107,16 +108,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits, digit_tensors
 @pytest.mark.parametrize(
     "field,value,message",
     [
-        ("epochs", 0, "--epochs must be >= 1"),
-        ("smoothness", -1.0, "--smoothness must be >= 0"),
-        ("beta_lr", 0.0, "--beta-lr must be > 0"),
-        ("distill", 1.5, re.escape("--distill must lie in [0, 1]")),
-        ("lambda_gamma", -0.1, "--lambda-gamma must be >= 0"),
-        ("lambda_grad", -2.0, "--grad-norm must be >= 0"),
-        ("lr", 0.0, "--lr must be > 0"),
-        ("batch_size", 0, "--batch-size must be >= 1"),
+        ("epochs", 0, "epochs must be >= 1, got 0"),
+        ("smoothness", -1.0, "smoothness must be >= 0, got -1.0"),
+        ("beta_lr", 0.0, "beta_lr must be > 0"),
+        ("distill", 1.5, re.escape("distill must lie in [0, 1]")),
+        ("lambda_gamma", -0.1, "lambda_gamma must be >= 0"),
+        ("lambda_grad", -2.0, "lambda_grad must be >= 0"),
+        ("lr", 0.0, "lr must be > 0"),
+        ("batch_size", 0, "batch_size must be >= 1"),
+        ("optimizer", "adam", "optimizer must be sgd or adamw, got adam"),
     ],
 )
-def test_invalid_training_options(field, value, message):
-    with pytest.raises(lc.LcnnError, match=message):
+def test_invalid_training_options_are_named_as_the_fields_they_are(field, value, message):
+    """The library speaks of its own fields; the CLI names its options (tests/test_cli_finetune.py)."""
+    with pytest.raises(InvalidSetting, match=f"^{message}") as caught:
         FinetuneConfig(**{field: value}).validate()
+    assert caught.value.setting == field and "--" not in str(caught.value)

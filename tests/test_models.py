@@ -43,11 +43,13 @@ def test_data_configs_follow_the_libraries():
     assert data_config(model, spec)["input_size"] == (3, 299, 299)
 
 
-def test_pretrained_download_failure_is_one_actionable_line():
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "timm:resnet18"])
+def test_pretrained_download_failure_is_one_actionable_line(name, offline):
     with pytest.raises(LcnnError) as caught:
-        load_model("torchvision:resnet18", pretrained=True)
+        load_model(name, pretrained=True)
     message = str(caught.value)
     assert "--weights" in message and "--no-pretrained" in message and "\n" not in message
+    assert "network is unreachable" in message
 
 
 @pytest.fixture

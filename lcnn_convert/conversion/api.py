@@ -16,7 +16,8 @@ from ..layers import CenteredSoftplus
 from ..layers.centered_softplus import BETA_MAX, BETA_MIN
 from ..models import data_config
 from .bound import curvature_bound
-from ..fidelity import DEFAULT_MIN_AGREEMENT, Fidelity, compare_logits, logits_of
+from ..defaults import DEFAULT_MIN_AGREEMENT
+from ..fidelity import Fidelity, compare_logits, logits_of
 from .calibrate import DEFAULT_LOGIT_TOLERANCE, calibrate_beta, first_tensor
 from .graph_pass import apply_rules, capture_input_shapes, list_unconverted, normalize_linear_layers
 from .module_swap import find_functional_calls, swap_modules
