@@ -1,16 +1,20 @@
 """Saving a converted model so that ``lcnn_convert.load(DIR)`` rebuilds it in one call.
 
 ``model.safetensors`` holds the state dict and, in its metadata, what is needed to rebuild the
-module structure: the model name and source, class count and conversion options. Loading
-rebuilds the original architecture with random weights, runs the (deterministic) graph pass
-without estimating anything, and loads the saved tensors strictly. No pickle is involved.
+module structure: the model name and source, class count, conversion options, the names of the
+replacement rules used and the lcnn_convert version that wrote it. Loading rebuilds the original
+architecture with random weights, runs the (deterministic) graph pass with the same rules without
+estimating anything, and loads the saved tensors strictly. No pickle is involved.
+
+Format 1 (lcnn_convert 0.1.0 before rules were recorded) could only have used the default rules,
+and is read as such.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,8 @@ from safetensors.torch import load_model as load_safetensors_into
 from safetensors.torch import save_model as save_safetensors_from
 from torch import nn
 
-from .conversion import ConvertOptions, convert_with_options
+from . import __version__
+from .conversion import DEFAULT_RULES, ConvertOptions, ReplacementRule, convert_with_options
 from .errors import LcnnError, first_line
 from .io import atomic_file
 from .models import ModelSpec, classifier_classes, find_classifier, load_model_with_spec
@@ -28,14 +33,23 @@ WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
 REPORT_FILE = "report.json"
 METADATA_KEY = "lcnn_convert"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 
 
-def save(model: nn.Module, directory: str | Path, spec: ModelSpec, replace_activations: bool = True) -> Path:
-    """Write ``directory/model.safetensors`` (atomically) for a model converted from ``spec``."""
+def save(
+    model: nn.Module,
+    directory: str | Path,
+    spec: ModelSpec,
+    replace_activations: bool = True,
+    rules: Sequence[ReplacementRule] = DEFAULT_RULES,
+) -> Path:
+    """Write ``directory/model.safetensors`` (atomically) for a model converted from ``spec`` with ``rules``."""
     found = find_classifier(model)
     metadata: dict[str, Any] = {
         "format": FORMAT_VERSION,
+        "lcnn_convert_version": __version__,
+        "rules": [rule.name for rule in rules],
         "source": spec.source,
         "name": spec.name,
         "num_classes": classifier_classes(found[1]) if found else None,
@@ -111,26 +125,60 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise LcnnError(f"{path}: its '{METADATA_KEY}' metadata is damaged (not JSON: {first_line(error, 80)})") from error
     if not isinstance(metadata, dict):
         raise LcnnError(f"{path}: its '{METADATA_KEY}' metadata is damaged (not a JSON object)")
-    if metadata.get("format") != FORMAT_VERSION:
-        raise LcnnError(f"{path} has format {metadata.get('format')}; this version reads {FORMAT_VERSION}")
-    expected = {"source": str, "name": str, "num_classes": (int, type(None)), "replace_activations": bool}
+    written = metadata.get("format")
+    if written not in READABLE_FORMATS:
+        by = f" by lcnn_convert {metadata['lcnn_convert_version']}" if "lcnn_convert_version" in metadata else ""
+        raise LcnnError(
+            f"{path} has format {written} (written{by}); lcnn_convert {__version__} reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}"
+        )
+    if written == 1:
+        metadata = {**metadata, "rules": [rule.name for rule in DEFAULT_RULES], "lcnn_convert_version": None}
+    expected = {"source": str, "name": str, "num_classes": (int, type(None)), "replace_activations": bool,
+                "rules": list}  # fmt: skip
     for key, kinds in expected.items():
         if not isinstance(metadata.get(key), kinds):
             raise LcnnError(f"{path}: its '{METADATA_KEY}' metadata is damaged ('{key}' is missing or of the wrong type)")
     return metadata
 
 
-def load(path: str | Path) -> nn.Module:
-    """Rebuild a converted model from an output dir (or its model.safetensors), in eval mode."""
+def _rules_to_rebuild(weights: Path, recorded: list[Any], rules: Sequence[ReplacementRule] | None) -> tuple[ReplacementRule, ...]:
+    """The rules the model was converted with, in their order: ``rules`` (checked against the
+    recorded names), or this version's default rules of those names."""
+    if not all(isinstance(name, str) for name in recorded):
+        raise LcnnError(f"{weights}: its '{METADATA_KEY}' metadata is damaged ('rules' is not a list of names)")
+    if rules is not None:
+        given = [rule.name for rule in rules]
+        if given != recorded:
+            raise LcnnError(f"{weights} was converted with the rules {recorded}; the rules given are {given}")
+        return tuple(rules)
+    known = {rule.name: rule for rule in DEFAULT_RULES}
+    unknown = [name for name in recorded if name not in known]
+    if unknown:
+        raise LcnnError(
+            f"{weights} was converted with rules that are not lcnn_convert's defaults ({', '.join(unknown)}); "
+            "pass the same rules: lcnn_convert.load(path, rules=...)"
+        )
+    return tuple(known[name] for name in recorded)
+
+
+def load(path: str | Path, rules: Sequence[ReplacementRule] | None = None) -> nn.Module:
+    """Rebuild a converted model from an output dir (or its model.safetensors), in eval mode.
+
+    A model converted with rules of your own (``lc.convert(..., rules=...)``) needs the same
+    ``rules`` to be rebuilt; the defaults are found by the names recorded in the file.
+    """
     path = Path(path)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     if not weights.is_file():
         raise LcnnError(f"no {WEIGHTS_FILE} in {path}")
     metadata = read_metadata(weights)
+    used = _rules_to_rebuild(weights, metadata["rules"], rules)
     original, _ = load_model_with_spec(
         f"{metadata['source']}:{metadata['name']}", pretrained=False, num_classes=metadata["num_classes"]
     )
-    options = ConvertOptions(beta=1.0, replace_activations=metadata["replace_activations"], estimate_norms=False)
+    options = ConvertOptions(beta=1.0, replace_activations=metadata["replace_activations"], estimate_norms=False,
+                             rules=used)  # fmt: skip
     model = convert_with_options(original, None, options)
     try:
         missing, unexpected = load_safetensors_into(model, str(weights), strict=False)

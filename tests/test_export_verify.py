@@ -92,6 +92,54 @@ def test_save_and_load_rebuild_the_same_model(tmp_path, converted_resnet):
     assert restored.conversion_report.method == "fx"
 
 
+def _rewrite_metadata(path, change) -> None:
+    """Rewrite model.safetensors' lcnn_convert metadata with ``change(metadata)``, tensors untouched."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = json.loads(handle.metadata()["lcnn_convert"])
+    save_file(load_file(str(path)), str(path), metadata={"lcnn_convert": json.dumps(change(metadata))})
+
+
+def test_the_metadata_records_the_version_and_rules_and_the_previous_format_loads(tmp_path, converted_resnet):
+    from lcnn_convert.artifacts import FORMAT_VERSION, read_metadata
+
+    weights = save(converted_resnet, tmp_path, ModelSpec("torchvision", "resnet18"))
+    metadata = read_metadata(weights)
+    assert metadata["format"] == FORMAT_VERSION == 2 and metadata["lcnn_convert_version"] == lc.__version__
+    assert metadata["rules"] == [rule.name for rule in lc.DEFAULT_RULES]
+    x = torch.randn(2, 3, 64, 64)
+    # format 1, as lcnn_convert 0.1.0 wrote it before rules and versions were recorded
+    first_keys = ("source", "name", "num_classes", "replace_activations", "pretrained_cfg")
+    _rewrite_metadata(weights, lambda old: {"format": 1, **{key: old[key] for key in first_keys}})
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path)(x), converted_resnet(x))
+    _rewrite_metadata(weights, lambda old: {**old, "format": 3, "lcnn_convert_version": "9.9"})
+    with pytest.raises(lc.LcnnError, match=r"has format 3 \(written by lcnn_convert 9.9\); .* reads formats 1, 2"):
+        load(tmp_path)
+
+
+def test_a_model_converted_with_its_own_rules_loads_back_with_them(tmp_path):
+    from lcnn_convert.conversion import ReplacementRule, match_module
+
+    mine = ReplacementRule("my-relu", "activation", match_module(torch.nn.ReLU), lambda ctx: lc.CenteredSoftplus(3.0))
+    rules = (mine, *lc.DEFAULT_RULES)
+    torch.manual_seed(0)
+    model = randomize_batchnorms(torchvision.models.resnet18(num_classes=10))
+    converted = lc.convert(model, beta=3.0, rules=rules)
+    save(converted, tmp_path, ModelSpec("torchvision", "resnet18"), rules=rules)
+    with pytest.raises(lc.LcnnError, match=r"not lcnn_convert's defaults \(my-relu\); pass the same rules"):
+        load(tmp_path)
+    with pytest.raises(lc.LcnnError, match="the rules given are"):
+        load(tmp_path, rules=lc.DEFAULT_RULES)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path, rules=rules)(x), converted(x))
+
+
 def test_top1_gate_tolerates_near_ties_but_not_real_flips(tmp_path):
     class Fixed(torch.nn.Module):
         def __init__(self, logits: torch.Tensor) -> None:
