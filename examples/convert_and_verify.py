@@ -17,7 +17,7 @@ import lcnn_convert as lc
 
 
 def main(model_name: str = "timm:efficientnet_b0") -> int:
-    model = lc.load_model(model_name, pretrained=False, num_classes=10)
+    model = lc.create_model(model_name, pretrained=False, num_classes=10)
     batch = torch.randn(16, 3, 96, 96, generator=torch.Generator().manual_seed(0))
 
     lcnn = lc.convert(model, example_inputs=batch)

@@ -1,6 +1,7 @@
 """lcnn_convert: turn pretrained CNNs into low-curvature networks, export them, prove parity.
 
-Pipeline: load_model -> convert -> fine-tune -> export_onnx -> verify_onnx -> measure/report.
+Pipeline: create_model -> convert -> fine-tune -> export_onnx -> verify_onnx -> measure/report;
+load_converted(DIR) rebuilds what the CLI wrote (``load_model`` and ``load`` are their earlier names).
 
 The names below are imported on first use, so that ``import lcnn_convert`` (and the command
 line's ``--help`` and usage errors) do not pay for importing torch, torchvision, timm and onnx.
@@ -40,7 +41,9 @@ _EXPORTS = {
     "estimate_curvature": ".measure",
     "export_onnx": ".export",
     "load": ".artifacts",
+    "load_converted": ".artifacts",
     "load_model": ".models",
+    "create_model": ".models",
     "recalibrate_batchnorm": ".bn_statistics",
     "verify_onnx": ".verify",
 }
@@ -66,12 +69,12 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from . import measure
-    from .artifacts import load
+    from .artifacts import load, load_converted
     from .bn_statistics import recalibrate_batchnorm
     from .conversion import DEFAULT_RULES, ConversionReport, ReplacementRule, RuleContext, convert
     from .errors import LcnnError
     from .export import export_onnx
     from .layers import CenteredSoftplus, LipschitzBatchNorm, LipschitzBatchNormAct, NormalizedConv, NormalizedLinear
     from .measure import adversarial_accuracy, estimate_curvature
-    from .models import load_model
+    from .models import create_model, load_model
     from .verify import ParityResult, verify_onnx

@@ -1,4 +1,4 @@
-"""Saving a converted model so that ``lcnn_convert.load(DIR)`` rebuilds it in one call.
+"""Saving a converted model so that ``lcnn_convert.load_converted(DIR)`` rebuilds it in one call.
 
 ``model.safetensors`` holds the state dict and, in its metadata, what is needed to rebuild the
 module structure: the model name and source, class count, conversion options, the names of the
@@ -157,12 +157,12 @@ def _rules_to_rebuild(weights: Path, recorded: list[Any], rules: Sequence[Replac
     if unknown:
         raise LcnnError(
             f"{weights} was converted with rules that are not lcnn_convert's defaults ({', '.join(unknown)}); "
-            "pass the same rules: lcnn_convert.load(path, rules=...)"
+            "pass the same rules: lcnn_convert.load_converted(path, rules=...)"
         )
     return tuple(known[name] for name in recorded)
 
 
-def load(path: str | Path, rules: Sequence[ReplacementRule] | None = None) -> nn.Module:
+def load_converted(path: str | Path, rules: Sequence[ReplacementRule] | None = None) -> nn.Module:
     """Rebuild a converted model from an output dir (or its model.safetensors), in eval mode.
 
     A model converted with rules of your own (``lc.convert(..., rules=...)``) needs the same
@@ -190,3 +190,7 @@ def load(path: str | Path, rules: Sequence[ReplacementRule] | None = None) -> nn
     if metadata.get("pretrained_cfg") is not None:
         model.pretrained_cfg = metadata["pretrained_cfg"]
     return model.eval()
+
+
+# The earlier name, kept: lcnn_convert.load(DIR).
+load = load_converted

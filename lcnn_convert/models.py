@@ -250,7 +250,7 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], origin: st
     model.load_state_dict(state, strict=True)
 
 
-def load_model(
+def create_model(
     name: str,
     pretrained: bool = True,
     weights: str | Path | None = None,
@@ -263,6 +263,10 @@ def load_model(
     """
     model, _ = load_model_with_spec(name, pretrained=pretrained, weights=weights, num_classes=num_classes)
     return model
+
+
+# The earlier name, kept: lcnn_convert.load_model(NAME).
+load_model = create_model
 
 
 def load_model_with_spec(

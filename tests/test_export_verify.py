@@ -83,8 +83,9 @@ def test_efficientnet_round_trip_from_the_issue_example(tmp_path):
 
 
 def test_save_and_load_rebuild_the_same_model(tmp_path, converted_resnet):
+    assert lc.load is lc.load_converted and lc.load_model is lc.create_model  # the earlier names, kept
     save(converted_resnet, tmp_path, ModelSpec("torchvision", "resnet18"))
-    restored = load(tmp_path)
+    restored = lc.load_converted(tmp_path)
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(restored(x), converted_resnet(x))
