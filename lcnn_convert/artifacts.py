@@ -142,7 +142,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return metadata
 
 
-def _rules_to_rebuild(weights: Path, recorded: list[Any], rules: Sequence[ReplacementRule] | None) -> tuple[ReplacementRule, ...]:
+def _rules_to_rebuild(
+    weights: Path, recorded: list[Any], rules: Sequence[ReplacementRule] | None
+) -> tuple[ReplacementRule, ...]:
     """The rules the model was converted with, in their order: ``rules`` (checked against the
     recorded names), or this version's default rules of those names."""
     if not all(isinstance(name, str) for name in recorded):

@@ -29,7 +29,13 @@ from .defaults import (
     EVAL_EXAMPLES,
 )
 from .errors import Interrupted, InvalidSetting, LcnnError, Terminated, first_line
-from .finetune_config import AUTO_BATCH_SIZES, BETA_LR_FACTOR, LAMBDA_BETA_PER_SMOOTHNESS, MIN_STEPS_PER_EPOCH, FinetuneConfig
+from .finetune_config import (
+    AUTO_BATCH_SIZES,
+    BETA_LR_FACTOR,
+    LAMBDA_BETA_PER_SMOOTHNESS,
+    MIN_STEPS_PER_EPOCH,
+    FinetuneConfig,
+)
 from .io import out_of_space
 
 app = typer.Typer(
@@ -52,6 +58,7 @@ GROUP_OPTIONS = ("--help",)
 DATASET_NAMES = "digits, cifar10, cifar100, svhn or folder:PATH"
 CLICK_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
 MAX_VERIFY_INPUTS = 10_000
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # The fine-tuning options' defaults are FinetuneConfig's.
 TRAINING = FinetuneConfig()
 
@@ -90,6 +97,32 @@ def _interruptible() -> Iterator[None]:
         raise Interrupted.from_signal(stopped, f"{Interrupted.signal_name(stopped)} before anything was written") from None
 
 
+@contextlib.contextmanager
+def _imports_held() -> Iterator[None]:
+    """Import the stages (torch, onnx, ...) with Ctrl-C and SIGTERM held until they are done.
+
+    A KeyboardInterrupt raised while a native extension runs Python code during its import
+    aborts the process ("terminate called after throwing an instance of
+    'pybind11::error_already_set'", exit -6) instead of unwinding; held, it ends in one line.
+    """
+    received: list[int] = []
+    try:
+        previous = {number: signal.signal(number, lambda n, _: received.append(n)) for number in HELD_SIGNALS}
+    except ValueError:  # not the main thread: signals are not ours to hold
+        yield
+        return
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if received:
+        stopped = Terminated() if received[0] == signal.SIGTERM else KeyboardInterrupt()
+        if isinstance(stopped, Terminated):
+            _signals_received.append(signal.SIGTERM)
+        raise Interrupted.from_signal(stopped, f"{Interrupted.signal_name(stopped)} before anything was written")
+
+
 @app.command("convert", short_help="Convert MODEL to an LCNN, export ONNX, check parity (the default).")
 def convert_command(
     model: Annotated[str, typer.Argument(help="Model name: resnet18, torchvision:resnet18 or timm:efficientnet_b0.")],
@@ -114,7 +147,9 @@ def convert_command(
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output dir.")] = False,
     opset: Annotated[int, typer.Option(help=f"ONNX opset (>= {DEFAULT_OPSET}).")] = DEFAULT_OPSET,
-    device: Annotated[Device, typer.Option(help="Where to convert, fine-tune and measure (auto: cuda when there is one).")] = Device.auto,
+    device: Annotated[
+        Device, typer.Option(help="Where to convert, fine-tune and measure (auto: cuda when there is one).")
+    ] = Device.auto,
     atol: Annotated[float, typer.Option(help="Parity gate on the logits' max abs difference.")] = DEFAULT_ATOL,
     seed: Annotated[int, typer.Option(help="Seed of the calibration and verification inputs.")] = TRAINING.seed,
     json_output: Annotated[bool, typer.Option("--json", help="Print report.json instead of tables.")] = False,
@@ -132,7 +167,9 @@ def convert_command(
             "(default without a dataset: inputs synthesised from the model's BatchNorm statistics)."
         ),
     ] = None,
-    calibration_examples: Annotated[int, typer.Option(help="Train images beta is calibrated on.")] = CALIBRATION_EXAMPLES,
+    calibration_examples: Annotated[
+        int, typer.Option(help="Train images beta is calibrated on.")
+    ] = CALIBRATION_EXAMPLES,
     min_agreement: Annotated[
         float,
         typer.Option(help="Fidelity gate: least top-1 agreement with the original on real held-out images."),
@@ -159,23 +196,29 @@ def convert_command(
     max_steps: Annotated[Optional[int], typer.Option(help="Stop fine-tuning after this many steps.")] = None,
     batch_size: Annotated[
         Optional[int],
-        typer.Option(help=f"Fine-tuning batch size (default: the largest of {'/'.join(map(str, AUTO_BATCH_SIZES))} giving "
-                     f"{MIN_STEPS_PER_EPOCH} steps an epoch)."),
+        typer.Option(help="Fine-tuning batch size (default: the largest of "
+                     f"{'/'.join(map(str, AUTO_BATCH_SIZES))} giving {MIN_STEPS_PER_EPOCH} steps an epoch)."),
     ] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = TRAINING.lr,
     beta_lr: Annotated[
         Optional[float], typer.Option(help=f"Peak learning rate of log beta (default: {BETA_LR_FACTOR:g} x --lr).")
     ] = None,
     optimizer: Annotated[Optimizer, typer.Option(help="sgd: momentum 0.9, Nesterov.")] = Optimizer(TRAINING.optimizer),
-    schedule: Annotated[Schedule, typer.Option(help="The learning rate's schedule over the run.")] = Schedule(TRAINING.schedule),
-    weight_decay: Annotated[float, typer.Option(help="Weight decay (never on beta, gamma, scales, biases).")] = TRAINING.weight_decay,
+    schedule: Annotated[
+        Schedule, typer.Option(help="The learning rate's schedule over the run.")
+    ] = Schedule(TRAINING.schedule),
+    weight_decay: Annotated[
+        float, typer.Option(help="Weight decay (never on beta, gamma, scales, biases).")
+    ] = TRAINING.weight_decay,
     smoothness: Annotated[
         float,
         typer.Option(help="The accuracy/curvature trade-off: weight of sum(beta) in the loss, in units of "
                      f"{LAMBDA_BETA_PER_SMOOTHNESS:g} "
                      "(0: no beta penalty; lower keeps more accuracy, higher lowers curvature more)."),
     ] = TRAINING.smoothness,
-    lambda_gamma: Annotated[float, typer.Option(help="Weight of sum(|log gamma|) in the loss.")] = TRAINING.lambda_gamma,
+    lambda_gamma: Annotated[
+        float, typer.Option(help="Weight of sum(|log gamma|) in the loss.")
+    ] = TRAINING.lambda_gamma,
     grad_norm: Annotated[
         float, typer.Option(help="Weight of the input-gradient-norm penalty (double backprop; 0 = off).")
     ] = TRAINING.lambda_grad,
@@ -190,7 +233,7 @@ def convert_command(
     eval_examples: Annotated[int, typer.Option(help="Test examples for curvature and PGD.")] = EVAL_EXAMPLES,
 ) -> None:
     """Convert MODEL, write model.onnx, model.safetensors and report.json, and check ONNX parity."""
-    with _interruptible():
+    with _imports_held():
         from .pipeline import ConversionJob, parse_beta, run_conversion
         from .report import print_report
 
@@ -201,7 +244,8 @@ def convert_command(
     )  # fmt: skip
     job = ConversionJob(
         model=model, weights=weights, pretrained=pretrained, num_classes=num_classes, beta=parse_beta(beta),
-        image_size=image_size, output=output, overwrite=overwrite, opset=opset, device=device.value, atol=atol, seed=seed,
+        image_size=image_size, output=output, overwrite=overwrite, opset=opset, device=device.value, atol=atol,
+        seed=seed,
         finetune=finetune, evaluate=evaluate, calibrate=calibrate, calibration_examples=calibration_examples,
         min_agreement=min_agreement, logit_tolerance=logit_tolerance, mean=mean, std=std, interpolation=interpolation,
         data_dir=data_dir, resume=resume, eval_examples=eval_examples, training=training,
@@ -232,10 +276,10 @@ def verify_command(
         raise LcnnError(f"--num-inputs must lie in [1, {MAX_VERIFY_INPUTS}], got {num_inputs}")
     if not atol > 0:
         raise LcnnError(f"--atol must be > 0, got {atol}")
-    with _interruptible():
+    with _imports_held():
         from .artifacts import ONNX_FILE, check_files, load
         from .verify import verify_onnx
-
+    with _interruptible():
         check_files(directory)
         model = load(directory)
         onnx_path = directory / ONNX_FILE

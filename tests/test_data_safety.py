@@ -307,6 +307,27 @@ def test_ctrl_c_while_importing_is_one_line(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+def test_a_signal_during_the_stage_imports_waits_for_them_then_ends_in_one_line(number):
+    """A KeyboardInterrupt inside a native extension's import can abort the process (pybind11):
+    the signal is held until the imports are done, then the run stops as usual."""
+    import os
+
+    from lcnn_convert.cli import _imports_held
+    from lcnn_convert.errors import Interrupted
+
+    before = signal.getsignal(number)
+    finished = False
+    with pytest.raises(Interrupted) as caught:
+        with _imports_held():
+            os.kill(os.getpid(), number)
+            time.sleep(0.05)  # a signal's handler runs between bytecodes: it has run by now
+            finished = True
+    assert finished and caught.value.exit_code == 128 + number
+    assert str(caught.value).startswith("interrupted (Ctrl-C)" if number == signal.SIGINT else "terminated (SIGTERM)")
+    assert signal.getsignal(number) is before
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
 def test_a_stopped_finetune_says_what_is_kept_and_resumes(tmp_path, stop):
