@@ -6,8 +6,8 @@ replacement rules used and the lcnn_convert version that wrote it. Loading rebui
 architecture with random weights, runs the (deterministic) graph pass with the same rules without
 estimating anything, and loads the saved tensors strictly. No pickle is involved.
 
-Format 1 (lcnn_convert 0.1.0 before rules were recorded) could only have used the default rules,
-and is read as such.
+Format 1 (lcnn_convert 0.1.0 before rules were recorded) could only have used the default rules of
+its day (ReLU and softplus, ``FORMAT_1_RULES``), and is read as such.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 
 from . import __version__
 from .conversion import DEFAULT_RULES, ConvertOptions, ReplacementRule, convert_with_options
+from .conversion.rules import KNOWN_RULES
 from .errors import LcnnError, first_line
 from .io import atomic_file
 from .models import ModelSpec, classifier_classes, find_classifier, load_model_with_spec
@@ -35,6 +36,11 @@ REPORT_FILE = "report.json"
 METADATA_KEY = "lcnn_convert"
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
+# The default rules when format 1 was written: ReLU and softplus only (SiLU, GELU, ... were left).
+FORMAT_1_RULES = (
+    "relu-module", "relu-function", "relu-method", "softplus-module", "softplus-function",
+    "batchnorm-act", "frozen-batchnorm-act", "batchnorm", "frozen-batchnorm", "batchnorm-function",
+)  # fmt: skip
 
 
 def save(
@@ -133,7 +139,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             f"{', '.join(map(str, READABLE_FORMATS))}"
         )
     if written == 1:
-        metadata = {**metadata, "rules": [rule.name for rule in DEFAULT_RULES], "lcnn_convert_version": None}
+        metadata = {**metadata, "rules": list(FORMAT_1_RULES), "lcnn_convert_version": None}
     expected = {"source": str, "name": str, "num_classes": (int, type(None)), "replace_activations": bool,
                 "rules": list}  # fmt: skip
     for key, kinds in expected.items():
@@ -146,7 +152,7 @@ def _rules_to_rebuild(
     weights: Path, recorded: list[Any], rules: Sequence[ReplacementRule] | None
 ) -> tuple[ReplacementRule, ...]:
     """The rules the model was converted with, in their order: ``rules`` (checked against the
-    recorded names), or this version's default rules of those names."""
+    recorded names), or this version's built-in rules of those names."""
     if not all(isinstance(name, str) for name in recorded):
         raise LcnnError(f"{weights}: its '{METADATA_KEY}' metadata is damaged ('rules' is not a list of names)")
     if rules is not None:
@@ -154,7 +160,7 @@ def _rules_to_rebuild(
         if given != recorded:
             raise LcnnError(f"{weights} was converted with the rules {recorded}; the rules given are {given}")
         return tuple(rules)
-    known = {rule.name: rule for rule in DEFAULT_RULES}
+    known = KNOWN_RULES
     unknown = [name for name in recorded if name not in known]
     if unknown:
         raise LcnnError(

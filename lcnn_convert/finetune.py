@@ -51,7 +51,7 @@ from .finetune_config import (  # noqa: F401  (re-exported: the names this stage
     auto_batch_size,
 )
 from .io import atomic_file
-from .layers import CenteredSoftplus, LipschitzBatchNorm
+from .layers import LipschitzBatchNorm, SmoothActivation
 from .layers.centered_softplus import BETA_MAX
 from .layers.normalized_linear import _OperatorNormalized
 from .measure import evaluate_accuracy
@@ -113,17 +113,21 @@ class FinetuneResult:
 
 
 def regularisers(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of beta over centered softplus sites, sum of |log gamma| over Lipschitz BNs)."""
+    """(sum of the "beta" terms, sum of the "gamma" terms) the LCNN layers state: beta of every
+    learnable activation, |log gamma| of every Lipschitz BN."""
     zero = next(model.parameters()).new_zeros(())
-    betas = [m.beta for m in model.modules() if isinstance(m, CenteredSoftplus) and m.log_beta.requires_grad]
-    gammas = [m.log_gamma.abs() for m in model.modules() if isinstance(m, LipschitzBatchNorm)]
-    return (torch.stack(betas).sum() if betas else zero), (torch.stack(gammas).sum() if gammas else zero)
+    terms: dict[str, list[torch.Tensor]] = {"beta": [], "gamma": []}
+    for module in model.modules():
+        kind = getattr(module, "regulariser", None)
+        if kind in terms and not (isinstance(module, SmoothActivation) and not module.log_beta.requires_grad):
+            terms[kind].append(module.regulariser_term())
+    return tuple(torch.stack(found).sum() if found else zero for found in terms.values())
 
 
 @torch.no_grad()
 def layer_statistics(model: nn.Module) -> dict[str, float]:
     """Mean beta, mean gamma and mean Lipschitz constant of the Lipschitz BNs."""
-    betas = [m.beta.item() for m in model.modules() if isinstance(m, CenteredSoftplus)]
+    betas = [m.frozen_beta() for m in model.modules() if isinstance(m, SmoothActivation)]
     bns = [m for m in model.modules() if isinstance(m, LipschitzBatchNorm)]
     return {
         "beta_mean": float(np.mean(betas)) if betas else 0.0,
@@ -172,7 +176,7 @@ def _scheduler(optimizer: torch.optim.Optimizer, config: FinetuneConfig, total_s
 def _keep_beta_in_range(model: nn.Module) -> None:
     low, high = math.log(FINETUNE_BETA_MIN), math.log(BETA_MAX)
     for module in model.modules():
-        if isinstance(module, CenteredSoftplus) and module.log_beta.requires_grad:
+        if isinstance(module, SmoothActivation) and module.log_beta.requires_grad:
             module.log_beta.clamp_(low, high)
 
 

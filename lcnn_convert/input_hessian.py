@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import CenteredSoftplus, LipschitzBatchNorm, NormalizedConv
+from .layers import LipschitzBatchNorm, NormalizedConv
 from .layers.centered_softplus import FUSED_THRESHOLD, LOG2
 from .layers.normalized_linear import single_tap
 
@@ -151,10 +151,6 @@ class FixedBetaSoftplus(nn.Module):
         super().__init__()
         self.beta, self.shift = float(beta), float(shift)
 
-    @classmethod
-    def from_centered_softplus(cls, layer: CenteredSoftplus) -> FixedBetaSoftplus:
-        return cls(float(layer.beta.detach()), layer.shift)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Past the threshold softplus returns x, whose second derivative 0 stands for
         # beta sigmoid'(beta x) < beta exp(-threshold): below float32's resolution at 20, float64's at 40.
@@ -162,29 +158,36 @@ class FixedBetaSoftplus(nn.Module):
         return F.softplus(x, self.beta, threshold) - (LOG2 / self.beta - self.shift)
 
 
-# Exact types: a subclass may change forward (timm's Conv2dSame pads dynamically, StdConv2d
-# standardises its weight), so it keeps its own layer. A user's table may add their own layers.
+# Stand-ins for torch's own layers, by exact type: a subclass may change forward (timm's Conv2dSame
+# pads dynamically, StdConv2d standardises its weight), so it keeps its own layer. LCNN layers name
+# their own (``curvature_stand_in``); a user's table may add their own layers.
 STAND_INS: dict[type, Callable[[nn.Module], nn.Module | None]] = {
     nn.Conv1d: InputGradientConv.from_conv,
     nn.Conv2d: InputGradientConv.from_conv,
     nn.Conv3d: InputGradientConv.from_conv,
-    NormalizedConv: InputGradientConv.from_conv,
     nn.BatchNorm1d: ChannelAffine.from_batchnorm,
     nn.BatchNorm2d: ChannelAffine.from_batchnorm,
     nn.BatchNorm3d: ChannelAffine.from_batchnorm,
-    LipschitzBatchNorm: ChannelAffine.from_batchnorm,
-    CenteredSoftplus: FixedBetaSoftplus.from_centered_softplus,
 }
+
+
+def _stand_in_maker(module: nn.Module, stand_ins: dict[type, Callable]) -> Callable[[nn.Module], nn.Module | None] | None:
+    make = stand_ins.get(type(module))
+    if make is None and callable(getattr(module, "curvature_stand_in", None)):
+        return type(module).curvature_stand_in
+    return make
 
 
 def swap_for_input_hessian(model: nn.Module, stand_ins: dict[type, Callable] = STAND_INS) -> list[str]:
     """Replace, in place, every layer of ``model`` (in eval mode) that has a stand-in in
-    ``stand_ins``; return the replaced paths."""
+    ``stand_ins`` or names its own; return the replaced paths."""
     if model.training:
         raise ValueError("input-Hessian stand-ins hold eval-mode values: put the model in eval mode first")
     swapped = []
     for path, module in list(model.named_modules()):
-        make = stand_ins.get(type(module))
+        if any(path.startswith(done + ".") for done in swapped):
+            continue  # inside a layer already replaced
+        make = _stand_in_maker(module, stand_ins)
         replacement = make(module) if make is not None and path else None
         if replacement is not None:
             model.set_submodule(path, replacement.eval())

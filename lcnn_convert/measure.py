@@ -2,8 +2,9 @@
 
 Curvature follows the paper's protocol (../shared/LCNN_NOTES.md): per example, the spectral norm of
 the input Hessian of the cross-entropy by power iteration on Hessian-vector products, divided by
-the input-gradient norm. Models with ReLUs are measured through a softplus(beta=1000) stand-in,
-as the paper's baselines were: ReLU's second derivative is zero almost everywhere.
+the input-gradient norm. Models with ReLUs (or ReLU6, leaky ReLU, hardswish, ...) are measured
+through smooth stand-ins at beta = 1000 (a softplus for ReLU, as the paper's baselines were): a
+piecewise-linear activation's second derivative is zero almost everywhere.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch.utils.data import Dataset
 from .conversion.calibrate import first_tensor
 from .conversion.graph_pass import apply_rules
 from .conversion.module_swap import swap_modules
-from .conversion.rules import DEFAULT_RULES
+from .conversion.rules import PIECEWISE_LINEAR_RULES
 from .conversion.tracing import trace
 from .input_hessian import swap_for_input_hessian
 from .models import IMAGENET_MEAN, IMAGENET_STD
@@ -39,7 +40,6 @@ Data = Dataset | tuple[torch.Tensor, torch.Tensor]
 # The usual benchmark budgets for images in [0, 1]. The default step size, 2.5 * eps / steps
 # (Madry et al.), lets PGD reach the ball's boundary from any starting point within its steps.
 PGD_DEFAULTS: dict[str, dict[str, float]] = {"linf": {"eps": 8 / 255, "steps": 10}, "l2": {"eps": 0.5, "steps": 10}}
-RELU_RULES = tuple(rule for rule in DEFAULT_RULES if rule.name.startswith("relu"))
 CURVATURE_METHOD = "lanczos"
 CURVATURE_STEPS = 6
 RELU_STAND_IN_BETA = 1000.0
@@ -124,7 +124,8 @@ def _nonzero(norm: torch.Tensor) -> torch.Tensor:
 
 
 def _relu_stand_in(model: nn.Module, beta: float) -> tuple[nn.Module, list[str]]:
-    """The stand-in and the paths of the softplus layers that replaced ReLUs (empty: no ReLU)."""
+    """The stand-in and the paths of the smooth layers that replaced piecewise-linear activations
+    (empty: there were none)."""
     stand_in = copy.deepcopy(model).eval()
     replaced: list[str] = []
     try:
@@ -133,10 +134,10 @@ def _relu_stand_in(model: nn.Module, beta: float) -> tuple[nn.Module, list[str]]
         reason = type(error).__name__
         logger.warning("fx tracing failed (%s); functional relu calls cannot get a softplus stand-in", reason)
     else:
-        replaced, _ = apply_rules(stand_in, RELU_RULES, beta=beta, replace_activations=True)
+        replaced, _ = apply_rules(stand_in, PIECEWISE_LINEAR_RULES, beta=beta, replace_activations=True)
     # ReLU modules inside leaf modules (timm's BatchNormAct2d.act) are not graph nodes; after a
     # failed trace, no ReLU module is. Functional relus of an untraceable model stay ReLUs.
-    swapped, _ = swap_modules(stand_in, RELU_RULES, beta, replace_activations=True)
+    swapped, _ = swap_modules(stand_in, PIECEWISE_LINEAR_RULES, beta, replace_activations=True)
     replaced += swapped
     for path in replaced:
         stand_in.get_submodule(path).requires_grad_(False)
@@ -144,7 +145,8 @@ def _relu_stand_in(model: nn.Module, beta: float) -> tuple[nn.Module, list[str]]
 
 
 def relu_stand_in(model: nn.Module, beta: float = 1000.0) -> nn.Module:
-    """A copy of ``model`` in eval mode with every ReLU call replaced by a fixed-beta centered softplus.
+    """A copy of ``model`` in eval mode with every ReLU call (and every other piecewise-linear
+    activation) replaced by its fixed-beta smooth version (a centered softplus for ReLU).
 
     Everything else is unchanged, so the copy computes nearly the same function (each activation
     moves by at most log(2)/beta) but has a second derivative autograd can see.

@@ -92,7 +92,8 @@ def test_batchnorm_stand_in_is_its_eval_affine_map(lipschitz):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_softplus_stand_in_matches_the_layer_through_second_order(dtype):
     layer = CenteredSoftplus(beta=2.5, shift=0.3).to(dtype)
-    stand_in = FixedBetaSoftplus.from_centered_softplus(layer)
+    stand_in = layer.curvature_stand_in()
+    assert isinstance(stand_in, FixedBetaSoftplus)
     # across 0 (the curvature's peak, beta / 4) and past the threshold (beta x > 20)
     x = torch.cat([torch.linspace(-12, 12, 241), torch.randn(40) * 1e-3]).to(dtype).view(1, -1)
     direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)

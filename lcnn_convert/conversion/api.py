@@ -12,7 +12,7 @@ from torch import nn
 
 from ..bn_statistics import has_untrained_batchnorm
 from ..errors import LcnnError, first_line
-from ..layers import CenteredSoftplus
+from ..layers import SmoothActivation
 from ..layers.centered_softplus import BETA_MAX, BETA_MIN
 from ..models import data_config
 from .bound import curvature_bound
@@ -22,7 +22,8 @@ from .calibrate import DEFAULT_LOGIT_TOLERANCE, calibrate_beta, first_tensor
 from .graph_pass import apply_rules, capture_input_shapes, list_unconverted, normalize_linear_layers
 from .module_swap import find_functional_calls, swap_modules
 from .report import BetaChoice, ConversionReport
-from .rules import DEFAULT_RULES, ReplacementRule
+from .activations import DEFAULT_ACTIVATION, LCNN_ACTIVATIONS
+from .rules import ReplacementRule, default_rules
 from .synthetic import SYNTHESIS_STEPS, SYNTHETIC_EXAMPLES, can_synthesize, synthesize_inputs
 from .tracing import trace
 
@@ -52,7 +53,7 @@ USER_DATA = "user calibration data"
 class ConvertOptions:
     beta: float | str = "auto"
     replace_activations: bool = True
-    rules: tuple[ReplacementRule, ...] = DEFAULT_RULES
+    rules: tuple[ReplacementRule, ...] = default_rules()
     estimate_norms: bool = True
     logit_tolerance: float = DEFAULT_LOGIT_TOLERANCE
     min_agreement: float = DEFAULT_MIN_AGREEMENT
@@ -145,31 +146,41 @@ def convert(
     logit_tolerance: float = DEFAULT_LOGIT_TOLERANCE,
     held_out_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
     input_size: Sequence[int] | None = None,
+    activation: str = DEFAULT_ACTIVATION,
 ) -> nn.Module:
     """Return an LCNN version of ``model``; the original is left unchanged.
 
-    ReLU/softplus calls become centered softplus (one learnable beta per call site), BatchNorms
-    become Lipschitz BatchNorms, and every conv/linear is divided by its operator norm at its real
-    input size with the scale pushed into the following BN (or kept as an explicit scalar).
+    Every activation call gets a curvature-controlled version with one learnable beta per call
+    site (``lcnn_convert.conversion.activations`` lists the families): smooth ones (SiLU, GELU,
+    Mish, ELU, sigmoid, ...) become g(beta x) / beta, exact at beta = 1; ReLU and its piecewise-linear
+    kin (ReLU6, leaky ReLU, hardswish, hard sigmoid, hardtanh) get their kinks rounded by
+    ``activation``'s smooth ReLU, the centered softplus (the paper's) or "swish" (x sigmoid(beta x),
+    which onnxruntime runs at about ReLU's speed). BatchNorms become Lipschitz BatchNorms, and every
+    conv/linear is divided by its operator norm at its real input size with the scale pushed into
+    the following BN (or kept as an explicit scalar).
 
     ``beta="auto"`` calibrates beta per site: the smoothest shared sharpness whose mean relative
     logit error stays within ``logit_tolerance`` (2%) of the original with >= 99% top-1 agreement.
+    Only the piecewise-linear sites are calibrated: the smooth families are exact as converted.
     It calibrates on ``example_inputs`` (real images; a quarter of them is held out to measure
     fidelity on, unless ``held_out_inputs`` are given), or without them on inputs synthesised from
     the model's BatchNorm statistics (at ``input_size`` (C, H, W), default the model's data config;
     ~50 forward/backward passes of 32 images); a model with neither gets DEFAULT_BETA (100). A
-    number fixes beta everywhere. ``rules`` replaces the default replacement table (see
-    ``lcnn_convert.DEFAULT_RULES``). The result carries a ``conversion_report`` attribute whose
+    number fixes beta at every piecewise-linear site. ``rules`` replaces the default replacement
+    table (see ``lcnn_convert.DEFAULT_RULES``; ``activation`` then has no effect). The result carries a ``conversion_report`` attribute whose
     ``fidelity`` compares it with the original on inputs calibration did not use.
     """
     if not isinstance(model, nn.Module):
         hint = f"; load one by name with lcnn_convert.load_model({model!r})" if isinstance(model, str) else ""
         raise TypeError(f"convert() takes an nn.Module, got {type(model).__name__}{hint}")
     _check_beta(beta)
+    if activation not in LCNN_ACTIVATIONS:
+        raise LcnnError(f"activation must be one of {', '.join(LCNN_ACTIVATIONS)}, got '{activation}'")
     if not 0 < logit_tolerance < 1:
         raise LcnnError(f"logit_tolerance must lie in (0, 1), got {logit_tolerance}")
     options = ConvertOptions(
-        beta, replace_activations, tuple(DEFAULT_RULES if rules is None else rules), logit_tolerance=logit_tolerance,
+        beta, replace_activations, tuple(default_rules(activation) if rules is None else rules),
+        logit_tolerance=logit_tolerance,
         input_size=None if input_size is None else tuple(int(size) for size in input_size),
     )  # fmt: skip
     example = _as_tuple(example_inputs)
@@ -254,7 +265,7 @@ def convert_with_options(
     report.skipped += skipped
     converted.eval()  # new layers are created in train mode; calibration and the bound need eval
 
-    sites = [m for m in converted.modules() if isinstance(m, CenteredSoftplus) and not m.shift]
+    sites = [m for m in converted.modules() if isinstance(m, SmoothActivation) and m.calibrated]
     if calibrate and sites:
         result = calibrate_beta(
             converted, sites, example, reference,
@@ -272,7 +283,7 @@ def convert_with_options(
             report.notes.append(NO_DATA_NOTE)
     else:
         report.beta = BetaChoice("fixed", value=initial_beta)
-    betas = [float(m.beta.detach()) for m in converted.modules() if isinstance(m, CenteredSoftplus)]
+    betas = [m.frozen_beta() for m in converted.modules() if isinstance(m, SmoothActivation)]
     if betas:
         report.beta.mean, report.beta.min, report.beta.max = sum(betas) / len(betas), min(betas), max(betas)
     if data is not None and options.estimate_norms:

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .activations import original_constants
+
 Bound = tuple[float, float]
 INFINITE: Bound = (math.inf, math.inf)
 
-# (Lipschitz, curvature) of elementwise activations the pass may leave in place.
-ACTIVATION_CONSTANTS = {"SiLU": (1.0998, 0.5), "GELU": (1.1290, 0.7979), "Sigmoid": (0.25, 0.0962), "Tanh": (1.0, 0.7698)}
 IDENTITY_MODULES = (
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten, nn.Unflatten,
 )  # fmt: skip
@@ -128,8 +128,9 @@ def module_constants(module: nn.Module) -> Bound | None:
         return _pool_module_lipschitz(module), 0.0
     if isinstance(module, IDENTITY_MODULES) or type(module).__name__ in IDENTITY_MODULE_NAMES:
         return 1.0, 0.0
-    if type(module).__name__ in ACTIVATION_CONSTANTS:
-        return ACTIVATION_CONSTANTS[type(module).__name__]
+    constants = original_constants(module)  # a smooth activation left in place (replace_activations=False)
+    if constants is not None:
+        return constants
     if isinstance(module, nn.Sequential) or type(module).__name__ == "LipschitzBatchNormAct":
         bound: Bound = (1.0, 0.0)
         for child in module.children():

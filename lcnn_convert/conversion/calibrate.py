@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..defaults import DEFAULT_LOGIT_TOLERANCE  # held-out top-1 agreement of the digits models >= 99.4% at it
-from ..layers import BETA_MAX, CenteredSoftplus
+from ..layers import BETA_MAX, SmoothActivation
 
 # The search stops once the smallest passing sharpness is known to within 5%, or after
 # MAX_EVALUATIONS forward passes of the calibration inputs.
@@ -64,7 +64,7 @@ def mean_relative_logit_error(logits: torch.Tensor, reference: torch.Tensor) -> 
 
 @torch.no_grad()
 def _preactivation_scales(
-    model: nn.Module, sites: Sequence[CenteredSoftplus], example: tuple
+    model: nn.Module, sites: Sequence[SmoothActivation], example: tuple
 ) -> tuple[list[float], torch.Tensor]:
     """Each site's input spread, and the logits, from one forward pass."""
     scales = [1.0] * len(sites)
@@ -86,7 +86,7 @@ def _preactivation_scales(
 @torch.no_grad()
 def calibrate_beta(
     model: nn.Module,
-    sites: Sequence[CenteredSoftplus],
+    sites: Sequence[SmoothActivation],
     example: tuple[torch.Tensor, ...],
     reference_logits: torch.Tensor,
     min_agreement: float | None = 0.99,

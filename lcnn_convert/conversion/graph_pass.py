@@ -10,24 +10,18 @@ from torch import fx, nn
 
 from torch.nn.modules.batchnorm import _NormBase
 
-from ..layers import LCNN_LAYERS, CenteredSoftplus, LipschitzBatchNorm, NormalizedConv, NormalizedLinear
+from ..layers import LCNN_LAYERS, LipschitzBatchNorm, NormalizedConv, NormalizedLinear, SmoothActivation
+from .activations import (
+    ACTIVATION_CALL_NAMES,
+    ACTIVATION_MODULE_NAMES,
+    ATTENTION_LEFT,
+    NORMALISATIONS_LEFT,
+    UNCONVERTED_ACTIVATIONS,
+)
 from .report import Skipped
 from .rules import ReplacementRule, RuleContext
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# Activations the default rules leave alone; listed in the report so nothing is silently kept.
-OTHER_ACTIVATION_NAMES = {
-    "SiLU", "Swish", "SwishMe", "GELU", "GELUTanh", "QuickGELU", "Hardswish", "HardSwish", "HardSwishMe",
-    "ReLU6", "LeakyReLU", "ELU", "SELU", "CELU", "Mish", "MishMe", "PReLU", "Hardsigmoid", "HardSigmoid",
-    "HardSigmoidMe", "Sigmoid", "Tanh", "Softsign", "Hardtanh", "GLU", "ReLU", "Softplus",
-}  # fmt: skip
-OTHER_ACTIVATION_FUNCTIONS = {
-    "silu", "gelu", "hardswish", "hard_swish", "relu6", "leaky_relu", "elu", "selu", "celu", "mish",
-    "hardsigmoid", "hard_sigmoid", "sigmoid", "tanh", "softsign", "hardtanh", "glu", "relu", "relu_",
-    "softplus", "swish", "sigmoid_", "tanh_", "silu_",
-}  # fmt: skip
-
-
 def _module_calls(graph: fx.Graph) -> Counter[str]:
     return Counter(node.target for node in graph.nodes if node.op == "call_module")
 
@@ -65,10 +59,10 @@ def node_label(node: fx.Node) -> str:
 
 
 def count_layers(module: nn.Module) -> tuple[int, int]:
-    """How many centered softplus and Lipschitz BN layers ``module`` holds (itself included)."""
+    """How many LCNN activations and Lipschitz BN layers ``module`` holds (itself included)."""
     modules = list(module.modules())
     return (
-        sum(isinstance(m, CenteredSoftplus) for m in modules),
+        sum(isinstance(m, SmoothActivation) for m in modules),
         sum(isinstance(m, LipschitzBatchNorm) for m in modules),
     )
 
@@ -90,7 +84,7 @@ def apply_rules(
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
         module = modules.get(node.target) if node.op == "call_module" else None
-        ctx = RuleContext(node, module, graph_module, beta, replace_activations)
+        ctx = RuleContext(node, module, graph_module, beta, replace_activations, active_rules)
         rule = next((rule for rule in active_rules if rule.matches(ctx)), None)
         if rule is None:
             continue
@@ -125,11 +119,11 @@ def apply_rules(
 
 
 def list_unconverted(graph_module: fx.GraphModule, replace_activations: bool) -> list[Skipped]:
-    """Activations and BatchNorms still in the graph after the rules ran, with the reason."""
+    """Activations, BatchNorms, other normalisations and attention still in the graph after the
+    rules ran, with the reason each was left."""
     modules = dict(graph_module.named_modules())
     skipped = []
     for node in graph_module.graph.nodes:
-        name = None
         if node.op == "call_module":
             module = modules[node.target]
             name = type(module).__name__
@@ -141,25 +135,44 @@ def list_unconverted(graph_module: fx.GraphModule, replace_activations: bool) ->
                 )
                 skipped.append(Skipped(node_label(node), "batchnorm", reason))
                 continue
-            for child in module.modules():
-                child_name = type(child).__name__
-                if child_name in OTHER_ACTIVATION_NAMES and not isinstance(child, CenteredSoftplus):
-                    skipped.append(Skipped(node_label(node), "activation", _activation_reason(child_name, replace_activations)))
-                    break
+            left = _left_inside(module, replace_activations)
+            if left is not None:
+                skipped.append(Skipped(node_label(node), *left))
         elif node.op in ("call_function", "call_method"):
             name = getattr(node.target, "__name__", str(node.target))
-            if name in OTHER_ACTIVATION_FUNCTIONS:
+            if name in ACTIVATION_CALL_NAMES or name in UNCONVERTED_ACTIVATIONS:
                 skipped.append(Skipped(node_label(node), "activation", _activation_reason(name, replace_activations)))
+            elif name in ATTENTION_LEFT:
+                skipped.append(Skipped(node_label(node), "attention", ATTENTION_LEFT[name]))
+            elif name in ("layer_norm", "group_norm", "rms_norm"):
+                skipped.append(Skipped(node_label(node), "norm", NORMALISATIONS_LEFT["LayerNorm"].replace("LayerNorm", name)))
             elif name == "batch_norm":
                 reason = "functional batch_norm whose statistics are not module attributes"
                 skipped.append(Skipped(node_label(node), "batchnorm", reason))
     return skipped
 
 
+def _left_inside(module: nn.Module, replace_activations: bool) -> tuple[str, str] | None:
+    """(kind, reason) for the first activation, normalisation or attention a module call leaves."""
+    for child in module.modules():
+        if isinstance(child, LCNN_LAYERS):
+            continue
+        child_name = type(child).__name__
+        if child_name in ACTIVATION_MODULE_NAMES or child_name in UNCONVERTED_ACTIVATIONS:
+            return "activation", _activation_reason(child_name, replace_activations)
+        if child_name in NORMALISATIONS_LEFT:
+            return "norm", NORMALISATIONS_LEFT[child_name]
+        if child_name in ATTENTION_LEFT:
+            return "attention", ATTENTION_LEFT[child_name]
+    return None
+
+
 def _activation_reason(name: str, replace_activations: bool) -> str:
-    if name.lower().rstrip("_") in ("relu", "softplus"):
+    if name in UNCONVERTED_ACTIVATIONS:
+        return UNCONVERTED_ACTIVATIONS[name]
+    if not replace_activations:
         return f"{name} kept: replace_activations=False"
-    return f"{name} is not ReLU/softplus; left as is"
+    return f"{name} was not matched by the rules in use; left as is"
 
 
 def capture_input_shapes(model: nn.Module, example: tuple[torch.Tensor, ...]) -> dict[str, tuple[int, ...]]:

@@ -14,15 +14,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..layers import LCNN_LAYERS
+from .activations import WATCHED_ACTIVATION_FUNCTIONS
 from .graph_pass import count_layers
 from .report import Skipped
 from .rules import ReplacementRule, RuleContext
 
-WATCHED_FUNCTIONS = {
-    F.relu: "activation", torch.relu: "activation", F.relu_: "activation", torch.relu_: "activation",
-    torch.Tensor.relu: "activation", torch.Tensor.relu_: "activation", F.softplus: "activation",
-    F.batch_norm: "batchnorm",
-}  # fmt: skip
+WATCHED_FUNCTIONS = {**dict.fromkeys(WATCHED_ACTIVATION_FUNCTIONS, "activation"), F.batch_norm: "batchnorm"}
 
 
 def swap_modules(
@@ -34,7 +31,7 @@ def swap_modules(
     for path, module in list(model.named_modules()):
         if not path or any(path.startswith(done + ".") for done in activations + batchnorms):
             continue
-        ctx = RuleContext(None, module, model, beta, replace_activations)
+        ctx = RuleContext(None, module, model, beta, replace_activations, active_rules)
         rule = next((rule for rule in active_rules if rule.matches(ctx)), None)
         if rule is None:
             continue
@@ -61,7 +58,7 @@ class _FunctionalCallRecorder(TorchFunctionMode):
 
 
 def find_functional_calls(model: nn.Module, example: tuple[torch.Tensor, ...], why: str) -> list[Skipped]:
-    """Run ``model`` once and list the relu/softplus/batch_norm calls made outside LCNN layers."""
+    """Run ``model`` once and list the activation and batch_norm calls made outside LCNN layers."""
     stack: list[tuple[str, nn.Module]] = []
     handles = []
 

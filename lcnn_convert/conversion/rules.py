@@ -1,8 +1,9 @@
 """The replacement table of the graph pass: each rule is a matcher and a builder.
 
 The pass walks the traced graph and, for every call node, applies the first rule whose matcher
-accepts it: the node is replaced by a call to the module that the builder returns. Extend the
-table by passing your own rules before (to take precedence over) the defaults::
+accepts it: the node is replaced by a call to the module that the builder returns. The activation
+rules are generated from the family table of ``activations.py``. Extend the table by passing your
+own rules before (to take precedence over) the defaults::
 
     my_rule = ReplacementRule("gelu", "activation", match_module(nn.GELU), lambda ctx: MyAct())
     lc.convert(model, rules=(my_rule, *lc.DEFAULT_RULES))
@@ -10,8 +11,7 @@ table by passing your own rules before (to take precedence over) the defaults::
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,7 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..layers import CenteredSoftplus, LipschitzBatchNorm, LipschitzBatchNormAct
+from ..errors import LcnnError
+from ..layers import LipschitzBatchNorm, LipschitzBatchNormAct
+from .activations import (
+    ACTIVATION_FAMILIES,
+    DEFAULT_ACTIVATION,
+    LCNN_ACTIVATIONS,
+    LEAF_ACTIVATION_TYPES,
+    ActivationFamily,
+    optional_types,
+)
 
 RuleKind = Literal["activation", "batchnorm"]
 
@@ -33,6 +42,7 @@ class RuleContext:
     root: nn.Module
     beta: float
     replace_activations: bool
+    rules: Sequence[ReplacementRule] = ()  # the rules in use (a norm-act block converts its activation with them)
 
     def argument(self, name: str, position: int, default: Any = None) -> Any:
         """A call argument by keyword or position (None for module-only contexts)."""
@@ -92,41 +102,65 @@ def match_method(*names: str) -> Matcher:
     return lambda ctx: ctx.node is not None and ctx.node.op == "call_method" and ctx.node.target in names
 
 
-def _optional_types(*paths: str) -> tuple[type, ...]:
-    found = []
-    for path in paths:
-        module_name, _, attr = path.rpartition(".")
-        try:
-            module = __import__(module_name, fromlist=[attr])
-            found.append(getattr(module, attr))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(found)
-
-
 BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-BATCHNORM_ACT_TYPES = _optional_types("timm.layers.BatchNormAct2d", "timm.layers.norm_act.SyncBatchNormAct")
-FROZEN_BATCHNORM_TYPES = _optional_types("torchvision.ops.misc.FrozenBatchNorm2d", "timm.layers.FrozenBatchNorm2d")
-FROZEN_BATCHNORM_ACT_TYPES = _optional_types("timm.layers.FrozenBatchNormAct2d")
-CONVERTIBLE_ACTIVATION_TYPES = (nn.ReLU, nn.Softplus)
+BATCHNORM_ACT_TYPES = optional_types("timm.layers.BatchNormAct2d", "timm.layers.norm_act.SyncBatchNormAct")
+FROZEN_BATCHNORM_TYPES = optional_types("torchvision.ops.misc.FrozenBatchNorm2d", "timm.layers.FrozenBatchNorm2d")
+FROZEN_BATCHNORM_ACT_TYPES = optional_types("timm.layers.FrozenBatchNormAct2d")
 
 
-def softplus_from_relu(ctx: RuleContext) -> nn.Module:
-    return CenteredSoftplus(beta=ctx.beta)
+def _arguments(family: ActivationFamily, ctx: RuleContext) -> dict[str, Any]:
+    return {p.name: ctx.argument(p.name, p.position, p.default) for p in family.parameters}
 
 
-def softplus_from_softplus(beta: float) -> nn.Module:
-    """Keep a softplus's own beta; the constant shift log(2)/beta keeps the function exact."""
-    return CenteredSoftplus(beta=beta, shift=math.log(2.0) / beta)
+def _call_is_inplace(family: ActivationFamily, ctx: RuleContext) -> bool:
+    if ctx.node.target in family.in_place_variants:
+        return True
+    return family.inplace_position is not None and bool(ctx.argument("inplace", family.inplace_position, False))
+
+
+def family_rules(family: ActivationFamily, activation: str = DEFAULT_ACTIVATION) -> tuple[ReplacementRule, ...]:
+    """The rules that replace every call of ``family``: as a module, a function and a method.
+
+    Piecewise-linear families round their kinks with ``activation``'s smooth ReLU; their rules
+    are named ``<family>-<kind>@<activation>`` for activations other than the default (the names
+    a saved model records to be rebuilt).
+    """
+    suffix = f"@{activation}" if family.piecewise_linear and activation != DEFAULT_ACTIVATION else ""
+    rules = []
+    if family.modules:
+        rules.append(ReplacementRule(
+            f"{family.name}-module{suffix}", "activation", match_module(*family.modules),
+            lambda ctx: family.build(family.parameters_of_module(ctx.module), ctx.beta, activation),
+            lambda ctx: bool(getattr(ctx.module, "inplace", False)),
+        ))  # fmt: skip
+    if family.functions:
+        rules.append(ReplacementRule(
+            f"{family.name}-function{suffix}", "activation", match_function(*family.functions),
+            lambda ctx: family.build(_arguments(family, ctx), ctx.beta, activation),
+            lambda ctx: _call_is_inplace(family, ctx),
+        ))  # fmt: skip
+    if family.methods:
+        rules.append(ReplacementRule(
+            f"{family.name}-method{suffix}", "activation", match_method(*family.methods),
+            lambda ctx: family.build(_arguments(family, ctx), ctx.beta, activation),
+            lambda ctx: _call_is_inplace(family, ctx),
+        ))  # fmt: skip
+    return tuple(rules)
+
+
+def activation_rules(activation: str = DEFAULT_ACTIVATION) -> tuple[ReplacementRule, ...]:
+    if activation not in LCNN_ACTIVATIONS:
+        raise LcnnError(f"activation must be one of {', '.join(LCNN_ACTIVATIONS)}, got '{activation}'")
+    return tuple(rule for family in ACTIVATION_FAMILIES for rule in family_rules(family, activation))
 
 
 def activation_from(module: nn.Module, ctx: RuleContext) -> nn.Module:
-    """The activation inside a norm-act block, converted only if it is a ReLU or softplus."""
-    if not ctx.replace_activations or type(module) not in CONVERTIBLE_ACTIVATION_TYPES:
+    """The activation inside a norm-act block, replaced by the first activation rule that matches it."""
+    if not ctx.replace_activations:
         return module
-    if isinstance(module, nn.Softplus):
-        return softplus_from_softplus(module.beta)
-    return softplus_from_relu(ctx)
+    inner = RuleContext(None, module, ctx.root, ctx.beta, ctx.replace_activations, ctx.rules)
+    rule = next((rule for rule in ctx.rules if rule.kind == "activation" and rule.matches(inner)), None)
+    return module if rule is None else rule.build(inner)
 
 
 def _has_running_stats(ctx: RuleContext) -> bool:
@@ -161,33 +195,7 @@ def _both(*matchers: Matcher) -> Matcher:
     return lambda ctx: all(matcher(ctx) for matcher in matchers)
 
 
-DEFAULT_RULES: tuple[ReplacementRule, ...] = (
-    ReplacementRule(
-        "relu-module", "activation", match_module(nn.ReLU), softplus_from_relu, lambda ctx: ctx.module.inplace
-    ),
-    ReplacementRule(
-        "relu-function",
-        "activation",
-        match_function(F.relu, torch.relu, F.relu_, torch.relu_),
-        softplus_from_relu,
-        lambda ctx: ctx.node.target in (F.relu_, torch.relu_) or bool(ctx.argument("inplace", 1, False)),
-    ),
-    ReplacementRule(
-        "relu-method",
-        "activation",
-        match_method("relu", "relu_"),
-        softplus_from_relu,
-        lambda ctx: ctx.node.target == "relu_",
-    ),
-    ReplacementRule(
-        "softplus-module", "activation", match_module(nn.Softplus), lambda ctx: softplus_from_softplus(ctx.module.beta)
-    ),
-    ReplacementRule(
-        "softplus-function",
-        "activation",
-        match_function(F.softplus),
-        lambda ctx: softplus_from_softplus(float(ctx.argument("beta", 1, 1.0))),
-    ),
+BATCHNORM_RULES: tuple[ReplacementRule, ...] = (
     ReplacementRule(
         "batchnorm-act",
         "batchnorm",
@@ -220,5 +228,24 @@ DEFAULT_RULES: tuple[ReplacementRule, ...] = (
     ),
 )
 
+
+
+def default_rules(activation: str = DEFAULT_ACTIVATION) -> tuple[ReplacementRule, ...]:
+    """Every activation family of ``activations.py`` with ``activation`` as the smooth ReLU, then the BatchNorms."""
+    return (*activation_rules(activation), *BATCHNORM_RULES)
+
+
+DEFAULT_RULES: tuple[ReplacementRule, ...] = default_rules()
+# Every rule this version knows by name (a saved model records the names of the rules it used).
+KNOWN_RULES: dict[str, ReplacementRule] = {
+    rule.name: rule for activation in LCNN_ACTIVATIONS for rule in default_rules(activation)
+}
+# The original's piecewise-linear activations, each replaced by a sharp smooth version when its
+# curvature is measured (their own second derivative is 0 almost everywhere).
+PIECEWISE_LINEAR_RULES: tuple[ReplacementRule, ...] = tuple(
+    rule for family in ACTIVATION_FAMILIES if family.piecewise_linear for rule in family_rules(family)
+)
 # Types that trace as single calls so that the rules above can see them whole.
-LEAF_TYPES: tuple[type, ...] = BATCHNORM_ACT_TYPES + FROZEN_BATCHNORM_TYPES + FROZEN_BATCHNORM_ACT_TYPES
+LEAF_TYPES: tuple[type, ...] = (
+    BATCHNORM_ACT_TYPES + FROZEN_BATCHNORM_TYPES + FROZEN_BATCHNORM_ACT_TYPES + LEAF_ACTIVATION_TYPES
+)

@@ -1,18 +1,40 @@
-"""The LCNN building blocks, independent of the graph pass that inserts them."""
+"""The LCNN building blocks, independent of the graph pass that inserts them.
 
-from .centered_softplus import BETA_MAX, BETA_MIN, CenteredSoftplus
+Each LCNN layer states what the rest of the package asks of it: ``lipschitz_constant()`` and
+``curvature_constant()`` (the data-free bound), ``regulariser`` and ``regulariser_term()`` (what
+fine-tuning penalises), ``curvature_stand_in()`` (what curvature measurement runs instead) and, for
+activations, ``inference_form()`` (the export form, beta a constant) and ``calibrated``.
+"""
+
+from .centered_softplus import CenteredSoftplus
 from .lipschitz_batchnorm import LipschitzBatchNorm, LipschitzBatchNormAct
 from .normalized_linear import NormalizedConv, NormalizedLinear
+from .smooth_activation import (
+    BETA_MAX,
+    BETA_MIN,
+    SMOOTH_FUNCTIONS,
+    SMOOTH_RELUS,
+    ScaledActivation,
+    SmoothActivation,
+    SmoothHardswish,
+    SmoothPiecewiseLinear,
+)
 
-LCNN_LAYERS = (CenteredSoftplus, LipschitzBatchNorm, LipschitzBatchNormAct, NormalizedConv, NormalizedLinear)
+LCNN_LAYERS = (SmoothActivation, LipschitzBatchNorm, LipschitzBatchNormAct, NormalizedConv, NormalizedLinear)
 
 __all__ = [
     "BETA_MAX",
     "BETA_MIN",
     "LCNN_LAYERS",
+    "SMOOTH_FUNCTIONS",
+    "SMOOTH_RELUS",
     "CenteredSoftplus",
     "LipschitzBatchNorm",
     "LipschitzBatchNormAct",
     "NormalizedConv",
     "NormalizedLinear",
+    "ScaledActivation",
+    "SmoothActivation",
+    "SmoothHardswish",
+    "SmoothPiecewiseLinear",
 ]

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .centered_softplus import CenteredSoftplus
+from .smooth_activation import SmoothActivation
 
 LOG2 = math.log(2.0)
 
@@ -44,11 +44,12 @@ class FrozenCenteredSoftplus(nn.Module):
 
 
 def freeze_for_inference(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every CenteredSoftplus replaced by its frozen form (eval use only)."""
-    if isinstance(model, CenteredSoftplus):
-        return FrozenCenteredSoftplus(float(model.beta.detach()), model.shift)
+    """A copy of ``model`` with every LCNN activation replaced by its inference form, beta a
+    constant (eval use only)."""
+    if isinstance(model, SmoothActivation):
+        return model.inference_form()
     frozen = copy.deepcopy(model)
     for name, module in list(frozen.named_modules()):
-        if name and isinstance(module, CenteredSoftplus):
-            frozen.set_submodule(name, FrozenCenteredSoftplus(float(module.beta.detach()), module.shift))
+        if name and isinstance(module, SmoothActivation):
+            frozen.set_submodule(name, module.inference_form())
     return frozen

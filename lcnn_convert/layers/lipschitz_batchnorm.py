@@ -173,6 +173,17 @@ class LipschitzBatchNorm(nn.Module):
     def curvature_constant(self) -> float:
         return 0.0
 
+    regulariser = "gamma"
+
+    def regulariser_term(self) -> torch.Tensor:
+        """What fine-tuning adds to the loss (times lambda_gamma): |log gamma|."""
+        return self.log_gamma.abs()
+
+    def curvature_stand_in(self) -> nn.Module | None:
+        from ..input_hessian import ChannelAffine
+
+        return ChannelAffine.from_batchnorm(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch_stats = self.training and self.use_batch_stats
         momentum = 0.0 if self.momentum is None else self.momentum

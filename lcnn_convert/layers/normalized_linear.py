@@ -284,6 +284,11 @@ class _OperatorNormalized(nn.Module):
 class NormalizedConv(_OperatorNormalized):
     """A Conv1d/2d/3d whose weight is divided by its operator norm at the layer's input size."""
 
+    def curvature_stand_in(self) -> nn.Module | None:
+        from ..input_hessian import InputGradientConv
+
+        return InputGradientConv.from_conv(self)
+
     def __init__(self, conv: nn.Module, input_shape: Sequence[int], explicit_scale: bool) -> None:
         super().__init__()
         self.dims = conv.weight.dim() - 2
