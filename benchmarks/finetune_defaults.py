@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lcnn_convert.finetune import FinetuneConfig  # noqa: E402
 from lcnn_convert.pipeline import ConversionJob, run_conversion  # noqa: E402
-from tests.conftest import DIGITS_MODELS, train_on_digits  # noqa: E402
+from tests.conftest import DIGITS_MODELS, SILU_DIGITS_MODELS, train_on_digits  # noqa: E402
+
+MODELS = {**DIGITS_MODELS, **SILU_DIGITS_MODELS}
 
 
 def _config(settings: list[str]) -> FinetuneConfig:
@@ -45,23 +47,24 @@ def _config(settings: list[str]) -> FinetuneConfig:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
-    parser.add_argument("--only", nargs="*", default=list(DIGITS_MODELS))
+    parser.add_argument("--only", nargs="*", default=list(MODELS), help=f"any of {', '.join(MODELS)}")
+    parser.add_argument("--activation", default="centered_softplus", choices=("centered_softplus", "swish"))
     parser.add_argument("--cache", type=Path, default=Path("runs/defaults"))
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     quiet = Console(stderr=True, quiet=True)
-    print(f"settings: {' '.join(args.set) or 'defaults'}")
+    print(f"settings: {' '.join(args.set) or 'defaults'}, activation {args.activation}")
     print("| model | accuracy | curvature | PGD L2 | PGD L∞ | parity | fine-tuning | measuring | bar |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for name in args.only:
-        size, epochs = DIGITS_MODELS[name]
+        size, epochs = MODELS[name]
         weights = args.cache / f"{name.replace(':', '_')}.pth"
         if not weights.is_file():
             train_on_digits(name, size, epochs, args.cache)
         with tempfile.TemporaryDirectory() as out:
             job = ConversionJob(
                 model=name, weights=weights, num_classes=10, image_size=size, finetune="digits",
-                output=Path(out) / "run", training=_config(args.set),
+                output=Path(out) / "run", training=_config(args.set), activation=args.activation,
             )  # fmt: skip
             report = run_conversion(job, quiet)
         original, finetuned = report.metrics["original"], report.metrics["finetuned"]

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
 BETA = 10.0
 ONNX_CASES = [("resnet18", 1, 224), ("resnet18", 64, 32), ("resnet50", 1, 224), ("efficientnet_b0", 1, 224)]
-GROUPS = ("onnx", "onnx-forms", "finetune", "memory", "curvature", "convert")
+GROUPS = ("onnx", "onnx-swish", "onnx-forms", "finetune", "memory", "curvature", "convert")
 
 
 @dataclass
@@ -160,6 +160,29 @@ def bench_onnx(reps: int) -> list[Row]:
                     f"parity {'passed' if parity.passed else 'FAILED'}, max abs diff {parity.max_abs_diff:.1e}",
                 ))  # fmt: skip
                 print(rows[-1], file=sys.stderr)
+    return rows
+
+
+def bench_onnx_swish(reps: int) -> list[Row]:
+    """convert(activation="swish"): ReLUs become x sigmoid(beta x), exported with beta a constant."""
+    rows = []
+    for name, batch, size in ONNX_CASES:
+        model = random_model(name, size)
+        example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+        converted = lc.convert(model, example, beta=BETA, activation="swish").eval()
+        feed = {"input": torch.randn(batch, 3, size, size).numpy()}
+        with tempfile.TemporaryDirectory() as folder:
+            original = quiet_session(lc.export_onnx(model, Path(folder) / "original.onnx", example[:1]))
+            path = lc.export_onnx(converted, Path(folder) / "converted.onnx", example[:1])
+            parity = lc.verify_onnx(converted, path, example, num_random=4)
+            lcnn = quiet_session(path)
+            base, cand = alternate(lambda: original.run(None, feed), lambda: lcnn.run(None, feed), reps)
+            rows.append(Row(
+                "onnx latency", f"{name} b{batch}@{size}, --activation swish", median_ratio(cand, base), "≤ 1.10×",
+                ms(base), ms(cand),
+                f"parity {'passed' if parity.passed else 'FAILED'}, max abs diff {parity.max_abs_diff:.1e}",
+            ))  # fmt: skip
+            print(rows[-1], file=sys.stderr)
     return rows
 
 
@@ -363,6 +386,7 @@ def bench_convert(reps: int) -> list[Row]:
 
 BENCHMARKS: dict[str, Callable[[int], list[Row]]] = {
     "onnx": bench_onnx,
+    "onnx-swish": bench_onnx_swish,
     "onnx-forms": bench_onnx_forms,
     "finetune": bench_finetune,
     "memory": bench_memory,

@@ -21,7 +21,9 @@ from rich.console import Console
 
 from .defaults import (
     CALIBRATION_EXAMPLES,
+    DEFAULT_ACTIVATION,
     DEFAULT_ATOL,
+    LCNN_ACTIVATIONS,
     DEFAULT_LOGIT_TOLERANCE,
     DEFAULT_MIN_AGREEMENT,
     DEFAULT_OPSET,
@@ -61,6 +63,10 @@ MAX_VERIFY_INPUTS = 10_000
 HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # The fine-tuning options' defaults are FinetuneConfig's.
 TRAINING = FinetuneConfig()
+
+
+# centered-softplus, swish: the library's names, dashed as options are
+Activation = Enum("Activation", {name: name.replace("_", "-") for name in LCNN_ACTIVATIONS}, type=str)
 
 
 class Device(str, Enum):
@@ -137,8 +143,13 @@ def convert_command(
         Optional[int], typer.Option(help="Classes of the head; read from --weights when not given.")
     ] = None,
     beta: Annotated[
-        str, typer.Option(help="'auto' (calibrate per activation site) or a fixed softplus sharpness > 0.")
+        str, typer.Option(help="'auto' (calibrate per ReLU-like site) or a fixed sharpness β > 0 for them.")
     ] = "auto",
+    activation: Annotated[
+        Activation,
+        typer.Option(help="Smooth ReLU for ReLU-like activations: centered-softplus (the paper's) or swish "
+                     "(x·sigmoid(βx), about ReLU's ONNX speed). SiLU, GELU, … are converted exactly either way."),
+    ] = Activation[DEFAULT_ACTIVATION],
     image_size: Annotated[
         Optional[int], typer.Option(help="Square input size; default: the model's own data config.")
     ] = None,
@@ -244,7 +255,7 @@ def convert_command(
     )  # fmt: skip
     job = ConversionJob(
         model=model, weights=weights, pretrained=pretrained, num_classes=num_classes, beta=parse_beta(beta),
-        image_size=image_size, output=output, overwrite=overwrite, opset=opset, device=device.value, atol=atol,
+        activation=activation.value.replace("-", "_"), image_size=image_size, output=output, overwrite=overwrite, opset=opset, device=device.value, atol=atol,
         seed=seed,
         finetune=finetune, evaluate=evaluate, calibrate=calibrate, calibration_examples=calibration_examples,
         min_agreement=min_agreement, logit_tolerance=logit_tolerance, mean=mean, std=std, interpolation=interpolation,

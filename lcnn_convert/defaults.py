@@ -4,6 +4,10 @@
 from here, so each lives in one place.
 """
 
+# Convert (stage 2): the smooth ReLU that rounds ReLU-like kinks. The centered softplus is the
+# paper's; swish, x sigmoid(beta x), runs at about ReLU's speed in onnxruntime (docs/benchmarks.md).
+LCNN_ACTIVATIONS = ("centered_softplus", "swish")
+DEFAULT_ACTIVATION = "centered_softplus"
 # Export (stage 4): the oldest opset written; what torch.onnx writes and onnxruntime runs.
 DEFAULT_OPSET = 17
 # Verify (stage 5): the parity gate on the logits' max abs difference, and the random inputs

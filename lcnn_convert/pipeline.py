@@ -25,6 +25,7 @@ from . import __version__
 from .artifacts import ONNX_FILE, REPORT_FILE, WEIGHTS_FILE, checksum, checksums, save
 from .bn_statistics import has_untrained_batchnorm, recalibrate_batchnorm
 from .conversion import CalibrationData, ConvertOptions, convert_with_options
+from .conversion.rules import default_rules
 from .conversion.api import synthetic_calibration_data
 from .conversion.synthetic import can_synthesize
 from .distributed import (
@@ -38,7 +39,9 @@ from .distributed import (
 from .errors import Interrupted, LcnnError, first_line
 from .defaults import (
     CALIBRATION_EXAMPLES,
+    DEFAULT_ACTIVATION,
     DEFAULT_ATOL,
+    LCNN_ACTIVATIONS,
     DEFAULT_LOGIT_TOLERANCE,
     DEFAULT_MIN_AGREEMENT,
     DEFAULT_OPSET,
@@ -89,6 +92,7 @@ class ConversionJob:
     pretrained: bool = True
     num_classes: int | None = None
     beta: float | str = "auto"
+    activation: str = DEFAULT_ACTIVATION
     image_size: int | None = None
     output: Path | None = None
     overwrite: bool = False
@@ -131,6 +135,9 @@ class ConversionJob:
         if not 0 <= self.seed <= MAX_SEED:
             raise LcnnError(f"--seed must lie in [0, 2**32 - 1], got {self.seed}")
         check_opset(self.opset)
+        if self.activation not in LCNN_ACTIVATIONS:
+            choices = ", ".join(name.replace("_", "-") for name in LCNN_ACTIVATIONS)
+            raise LcnnError(f"--activation must be one of {choices}, got '{self.activation}'")
         if self.device not in ("auto", "cpu", "cuda"):
             raise LcnnError(f"--device must be auto, cpu or cuda, got '{self.device}'")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -538,6 +545,7 @@ def resume_identity(job: ConversionJob, num_classes: int | None) -> dict[str, An
         "pretrained": job.pretrained, "num_classes": num_classes, "dataset": job.dataset,
         "image_size": job.image_size, "mean": list(job.mean) if job.mean else None,
         "std": list(job.std) if job.std else None, "interpolation": job.interpolation, "beta": job.beta,
+        "activation": job.activation,
         "calibration_examples": job.calibration_examples, "logit_tolerance": job.logit_tolerance,
         "min_agreement": job.min_agreement, "opset": job.opset, "atol": job.atol, "seed": job.seed,
         "eval_examples": job.eval_examples,
@@ -592,13 +600,14 @@ def _convert(run: Run) -> None:
     job = run.job
     if run.resume_state is not None:
         with run.step("convert", "convert"):
-            run.converted = convert_with_options(run.model, None, ConvertOptions(beta=1.0, estimate_norms=False))
+            options = ConvertOptions(beta=1.0, estimate_norms=False, rules=default_rules(job.activation))
+            run.converted = convert_with_options(run.model, None, options)
         run.conversion = run.resume_state["conversion"]
         return
     data = _calibration_data(run)
     options = ConvertOptions(
-        beta=job.beta, logit_tolerance=job.logit_tolerance, min_agreement=job.min_agreement, input_size=run.input_size,
-        seed=job.seed,
+        beta=job.beta, rules=default_rules(job.activation), logit_tolerance=job.logit_tolerance,
+        min_agreement=job.min_agreement, input_size=run.input_size, seed=job.seed,
     )  # fmt: skip
     with run.step("convert", "convert"):
         torch.manual_seed(job.seed)  # every rank converts to the same model
@@ -677,7 +686,7 @@ def _export_and_verify(run: Run) -> None:
     run.converted = run.converted.cpu().eval()
     shaped = torch.randn((2, *run.input_size), generator=torch.Generator().manual_seed(job.seed))
     with run.step("save weights", "save"):
-        save(run.converted, run.out, run.spec)
+        save(run.converted, run.out, run.spec, rules=default_rules(job.activation))
     with run.step(f"export ONNX (opset {job.opset})", "export"):
         export_onnx(run.converted, run.out / ONNX_FILE, shaped, opset=job.opset)
     opset = written_opset(run.out / ONNX_FILE)

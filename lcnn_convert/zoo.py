@@ -64,6 +64,7 @@ class ZooResult:
     batchnorms: int = 0
     normalized: int = 0
     skipped: int = 0
+    activations_left: int = 0  # of ``skipped``, the activations (the rest: LayerNorm, attention, ...)
     parity_max_abs_diff: float | None = None
     original_parity_max_abs_diff: float | None = None
     seconds: float = 0.0
@@ -135,6 +136,7 @@ def check_model(
         result.batchnorms = len(report.batchnorms_replaced)
         result.normalized = len(report.layers_normalized)
         result.skipped = len(report.skipped)
+        result.activations_left = sum(item.kind == "activation" for item in report.skipped)
         kinds = sorted({item.reason for item in report.skipped})
         result.notes = kinds[:3]
 
@@ -174,12 +176,9 @@ def check_model(
         result.stage = "done"
         result.status = "ok"
         if _nothing_to_convert(result):
-            result.reason = (
-                f"no BatchNorm and no ReLU-family activation (e.g. LayerNorm/GELU): only the "
-                f"{result.normalized} convs/linears were normalized"
-            )
-        elif result.activations == 0:
-            result.reason = "no ReLU-family activation to replace (" + ", ".join(kinds[:2]) + ")"
+            result.reason = f"no BatchNorm and no activation: only the {result.normalized} convs/linears were normalized"
+        elif result.skipped:
+            result.reason = "left: " + "; ".join(kinds[:2])
         return result
     except Exception as error:  # the sweep records every failure and goes on
         result.reason = f"{type(error).__name__}: {first_line(error, 240)}"
@@ -191,8 +190,8 @@ def check_model(
 
 def markdown_table(results: Iterable[ZooResult]) -> str:
     lines = [
-        "| model | method | size | activations | BNs | normalized | left | parity max abs diff (original's) "
-        "| status | reason | s |",
+        "| model | method | size | activations | BNs | normalized | left (activations) | parity max abs diff "
+        "(original's) | status | reason | s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for r in results:
@@ -203,6 +202,6 @@ def markdown_table(results: Iterable[ZooResult]) -> str:
         status = r.status if r.status == "ok" else f"**{r.status}** at {r.stage}"
         lines.append(
             f"| {r.model} | {r.method or '—'} | {r.input_size or '—'} | {r.activations} | {r.batchnorms} | "
-            f"{r.normalized} | {r.skipped} | {diff} | {status} | {reason} | {r.seconds:.1f} |"
+            f"{r.normalized} | {r.skipped} ({r.activations_left}) | {diff} | {status} | {reason} | {r.seconds:.1f} |"
         )
     return "\n".join(lines) + "\n"

@@ -26,6 +26,8 @@ REPRESENTATIVE = (
     "timm:rexnet_100",
     "timm:convnext_atto",
     "timm:vit_tiny_patch16_224",
+    "timm:efficientnet_b0",
+    "timm:mobilenetv3_small_100",
 )
 
 
@@ -41,3 +43,5 @@ def test_model_survives_conversion_export_and_parity(name):
         # near it (random EfficientNet-B0: 1.8e-4 converted, ~1e-4 original, relative 2.9e-5 vs 1.6e-5).
         assert result.original_parity_max_abs_diff is not None and result.original_parity_max_abs_diff > 5e-5
     assert result.batchnorms + result.activations + result.normalized > 0
+    # every activation of these models is in a family: only LayerNorm and attention may be left
+    assert result.activations_left == 0, result.notes

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +24,7 @@ from torch import nn
 from ..layers import CenteredSoftplus, ScaledActivation, SmoothHardswish, SmoothPiecewiseLinear
 from ..layers.smooth_activation import HARD_SIGMOID
 
-LcnnActivation = Literal["centered_softplus", "swish"]
-LCNN_ACTIVATIONS: tuple[str, ...] = ("centered_softplus", "swish")
-DEFAULT_ACTIVATION: LcnnActivation = "centered_softplus"
+from ..defaults import DEFAULT_ACTIVATION, LCNN_ACTIVATIONS  # noqa: F401  (importable without torch there)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -283,7 +284,9 @@ def convert_with_options(
             report.notes.append(NO_DATA_NOTE)
     else:
         report.beta = BetaChoice("fixed", value=initial_beta)
-    betas = [m.frozen_beta() for m in converted.modules() if isinstance(m, SmoothActivation)]
+    activations = [m for m in converted.modules() if isinstance(m, SmoothActivation)]
+    report.activation_kinds = dict(Counter(m.label for m in activations).most_common())
+    betas = [m.frozen_beta() for m in activations]
     if betas:
         report.beta.mean, report.beta.min, report.beta.max = sum(betas) / len(betas), min(betas), max(betas)
     if data is not None and options.estimate_norms:

@@ -47,6 +47,7 @@ class BetaChoice:
 class ConversionReport:
     method: Literal["fx", "module-swap"]
     activations_replaced: list[str] = field(default_factory=list)
+    activation_kinds: dict[str, int] = field(default_factory=dict)  # label -> count, e.g. {"swish": 17}
     batchnorms_replaced: list[str] = field(default_factory=list)
     layers_normalized: list[str] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
@@ -61,6 +62,7 @@ class ConversionReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "activations_replaced": len(self.activations_replaced),
+            "activation_kinds": dict(self.activation_kinds),
             "batchnorms_replaced": len(self.batchnorms_replaced),
             "layers_normalized": len(self.layers_normalized),
             "skipped": [asdict(item) for item in self.skipped],

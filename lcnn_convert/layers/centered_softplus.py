@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -188,6 +187,10 @@ class CenteredSoftplus(SmoothActivation):
         if self.shift:
             y = y + self.shift
         return y
+
+    @property
+    def label(self) -> str:
+        return "softplus (exact)" if self.shift else "centered softplus"
 
     def lipschitz_constant(self) -> float:
         return 1.0

@@ -14,7 +14,6 @@ import math
 import torch
 from torch import nn
 
-from .smooth_activation import SmoothActivation
 
 LOG2 = math.log(2.0)
 
@@ -44,12 +43,12 @@ class FrozenCenteredSoftplus(nn.Module):
 
 
 def freeze_for_inference(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every LCNN activation replaced by its inference form, beta a
-    constant (eval use only)."""
-    if isinstance(model, SmoothActivation):
+    """A copy of ``model`` with every LCNN layer that has an inference form replaced by it: each
+    activation with beta a constant, each Lipschitz BN with its clip factor folded (eval use only)."""
+    if callable(getattr(model, "inference_form", None)):
         return model.inference_form()
     frozen = copy.deepcopy(model)
     for name, module in list(frozen.named_modules()):
-        if name and isinstance(module, SmoothActivation):
+        if name and callable(getattr(module, "inference_form", None)):
             frozen.set_submodule(name, module.inference_form())
     return frozen

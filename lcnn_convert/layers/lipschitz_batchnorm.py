@@ -184,6 +184,15 @@ class LipschitzBatchNorm(nn.Module):
 
         return ChannelAffine.from_batchnorm(self)
 
+    def inference_form(self) -> nn.Module:
+        """The eval-mode layer with its clip factor folded into the weight: an exported graph is then
+        a plain BatchNormalization (which runtimes fold into the conv before it), not the ReduceMax,
+        Exp, Clip and Div nodes that compute the factor at every run."""
+        with torch.no_grad():
+            return FrozenLipschitzBatchNorm(
+                self.weight * self.clip_factor(), self.bias, self.running_mean, self.running_var, self.eps
+            )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch_stats = self.training and self.use_batch_stats
         momentum = 0.0 if self.momentum is None else self.momentum
@@ -205,6 +214,20 @@ class LipschitzBatchNorm(nn.Module):
     def extra_repr(self) -> str:
         gamma = float(self.log_gamma.detach().exp())
         return f"{self.num_features}, eps={self.eps:.3g}, momentum={self.momentum}, gamma={gamma:.4g}"
+
+
+class FrozenLipschitzBatchNorm(nn.Module):
+    """A LipschitzBatchNorm's eval-mode function with every value a constant (export only)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                 eps: float) -> None:  # fmt: skip
+        super().__init__()
+        for name, value in (("weight", weight), ("bias", bias), ("running_mean", mean), ("running_var", var)):
+            self.register_buffer(name, value.detach().clone())
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
 
 class LipschitzBatchNormAct(nn.Module):

@@ -356,6 +356,21 @@ class NormalizedConv(_OperatorNormalized):
             y = y * self.scale
         return y + self.bias.view(-1, *([1] * self.dims)) if self.bias is not None else y
 
+    def inference_form(self) -> nn.Module:
+        """A plain conv with the eval-mode weight (weight / sigma, times the scale) as its weight:
+        exported, a Conv on a constant instead of the Clip and Div that normalise it at every run."""
+        conv_type = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[self.dims - 1]
+        conv = conv_type(
+            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+            self.groups, bias=self.bias is not None, padding_mode=self.padding_mode,
+            device=self.weight.device, dtype=self.weight.dtype,
+        )  # fmt: skip
+        with torch.no_grad():
+            conv.weight.copy_(_folded_weight(self))
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv.eval()
+
     def extra_repr(self) -> str:
         scale = f", scale={float(self.scale.detach()):.4g}" if self.scale is not None else ""
         return (
@@ -394,6 +409,22 @@ class NormalizedLinear(_OperatorNormalized):
         if self.scale is not None:
             y = y * self.scale
         return y + self.bias if self.bias is not None else y
+
+    def inference_form(self) -> nn.Module:
+        """A plain linear layer with the eval-mode weight (see NormalizedConv.inference_form)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)  # fmt: skip
+        with torch.no_grad():
+            linear.weight.copy_(_folded_weight(self))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear.eval()
+
+
+def _folded_weight(layer: _OperatorNormalized) -> torch.Tensor:
+    with torch.no_grad():
+        weight = layer.weight / layer.sigma.clamp_min(MIN_SIGMA)
+        return weight * layer.scale if layer.scale is not None else weight
 
     def extra_repr(self) -> str:
         scale = f", scale={float(self.scale.detach()):.4g}" if self.scale is not None else ""

@@ -79,6 +79,11 @@ class SmoothActivation(nn.Module):
     def frozen_beta(self) -> float:
         return float(self.beta.detach())
 
+    @property
+    def label(self) -> str:
+        """What the layer is, for reports: "centered softplus", "swish", "gelu (exact)", ..."""
+        return type(self).__name__
+
     def regulariser_term(self) -> torch.Tensor:
         """What fine-tuning adds to the loss (times lambda_beta): beta itself, as in the paper."""
         return self.beta
@@ -104,12 +109,18 @@ class SmoothActivation(nn.Module):
 
 @dataclass(frozen=True)
 class SmoothFunction:
-    """g with g(0), its slope range [slope_min, slope_max] and sup |g''|, for ScaledActivation."""
+    """g with g(0), its slope range [slope_min, slope_max] and sup |g''|, for ScaledActivation.
+
+    ``saturating`` functions (sigmoid, tanh, softsign: bounded, often gates) are scaled inside
+    only, g(beta x), which keeps their range: a gate stays in (0, 1) and tends to the constant
+    g(0) as beta falls, where the outer form would let it leave the range.
+    """
 
     function: Callable[..., torch.Tensor]
     value_at_zero: Callable[..., float]
     slope_range: Callable[..., tuple[float, float]]
     curvature: Callable[..., float]
+    saturating: bool = False
 
 
 def _constant(value: float) -> Callable[..., float]:
@@ -126,9 +137,9 @@ SMOOTH_FUNCTIONS: dict[str, SmoothFunction] = {
         lambda approximate="none": (-0.12900, 1.12900), _constant(0.79789),
     ),  # fmt: skip
     "mish": SmoothFunction(F.mish, _constant(0.0), lambda: (-0.11253, 1.08850), _constant(0.64421)),
-    "sigmoid": SmoothFunction(torch.sigmoid, _constant(0.5), lambda: (0.0, 0.25), _constant(0.096226)),
-    "tanh": SmoothFunction(torch.tanh, _constant(0.0), lambda: (0.0, 1.0), _constant(0.76981)),
-    "softsign": SmoothFunction(F.softsign, _constant(0.0), lambda: (0.0, 1.0), _constant(2.0)),
+    "sigmoid": SmoothFunction(torch.sigmoid, _constant(0.5), lambda: (0.0, 0.25), _constant(0.096226), True),
+    "tanh": SmoothFunction(torch.tanh, _constant(0.0), lambda: (0.0, 1.0), _constant(0.76981), True),
+    "softsign": SmoothFunction(F.softsign, _constant(0.0), lambda: (0.0, 1.0), _constant(2.0), True),
     # x > 0: x; x <= 0: alpha (exp(x) - 1), whose second derivative is at most alpha
     "elu": SmoothFunction(
         lambda x, alpha=1.0: F.elu(x, alpha), _constant(0.0),
@@ -149,6 +160,7 @@ class ScaledActivation(SmoothActivation):
 
     Slope range: g's (f'(x) = g'(beta x)); curvature: beta sup |g''|. With g = SiLU and beta
     calibrated, x sigmoid(beta x) is also a smooth ReLU (the ``swish`` LCNN activation).
+    Saturating g (sigmoid, tanh) are f(x) = g(beta x) instead: slope beta g', curvature beta^2 sup|g''|.
     """
 
     def __init__(self, function: str, beta: float = 1.0, learnable: bool = True, calibrated: bool = False,
@@ -162,6 +174,12 @@ class ScaledActivation(SmoothActivation):
         self._g = spec.function
         self.offset = float(spec.value_at_zero(**parameters))
 
+    @property
+    def label(self) -> str:
+        if self.function == "silu" and self.calibrated:
+            return "swish"
+        return f"{self.function} (exact)"
+
     def _spec(self) -> SmoothFunction:
         return SMOOTH_FUNCTIONS[self.function]
 
@@ -170,16 +188,19 @@ class ScaledActivation(SmoothActivation):
         if self.function == "silu":
             return x * torch.sigmoid(x * beta)  # silu(beta x) / beta, which overflows where beta x does
         y = self._g(x * beta, **self.parameters_of_function)
+        if self._spec().saturating:
+            return y
         if self.offset:
             return self.offset + (y - self.offset) / beta
         return y / beta
 
     def lipschitz_constant(self) -> float:
         low, high = self._spec().slope_range(**self.parameters_of_function)
-        return max(abs(low), abs(high))
+        return max(abs(low), abs(high)) * (self.frozen_beta() if self._spec().saturating else 1.0)
 
     def curvature_constant(self) -> float:
-        return self.frozen_beta() * self._spec().curvature(**self.parameters_of_function)
+        beta = self.frozen_beta()
+        return beta ** (2 if self._spec().saturating else 1) * self._spec().curvature(**self.parameters_of_function)
 
     def inference_form(self) -> nn.Module:
         return FrozenScaledActivation(self.function, self.frozen_beta(), self.offset, self.parameters_of_function)
@@ -205,6 +226,8 @@ class FrozenScaledActivation(nn.Module):
         if self.function == "silu":
             return x * torch.sigmoid(x * self.beta)
         y = g(x * self.beta, **self.parameters_of_function)
+        if SMOOTH_FUNCTIONS[self.function].saturating:
+            return y
         return self.offset + (y - self.offset) / self.beta if self.offset else y / self.beta
 
     def extra_repr(self) -> str:
@@ -283,6 +306,10 @@ class SmoothPiecewiseLinear(SmoothActivation):
         self.slope, self.value_at_zero = float(slope), float(value_at_zero)
         self.relu = SMOOTH_RELUS[relu]
 
+    @property
+    def label(self) -> str:
+        return f"piecewise-linear, {self.relu.name.replace('_', ' ')} kinks"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _piecewise(x, self.beta.to(x.dtype), self)
 
@@ -347,6 +374,10 @@ class SmoothHardswish(SmoothActivation):
         super().__init__(beta, learnable, calibrated=True)
         self.relu = SMOOTH_RELUS[relu]
         self.gate_spec = _PiecewiseSpec(HARD_SIGMOID["kinks"], HARD_SIGMOID["weights"], 0.0, 0.5, self.relu)
+
+    @property
+    def label(self) -> str:
+        return f"hardswish, {self.relu.name.replace('_', ' ')} kinks"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * _piecewise(x, self.beta.to(x.dtype), self.gate_spec)
