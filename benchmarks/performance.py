@@ -135,6 +135,19 @@ ONNX_FORMS = {
 }
 
 
+def latency_row(case: str, original, converted: nn.Module, path: Path, example, feed, reps: int) -> Row:
+    """The latency of ``path``'s session against the original's, with ``converted``'s parity."""
+    parity = lc.verify_onnx(converted, path, example, num_random=4)
+    lcnn = quiet_session(path)
+    base, cand = alternate(lambda: original.run(None, feed), lambda: lcnn.run(None, feed), reps)
+    row = Row(
+        "onnx latency", case, median_ratio(cand, base), "≤ 1.10×", ms(base), ms(cand),
+        f"parity {'passed' if parity.passed else 'FAILED'}, max abs diff {parity.max_abs_diff:.1e}",
+    )  # fmt: skip
+    print(row, file=sys.stderr)
+    return row
+
+
 def bench_onnx(reps: int) -> list[Row]:
     rows = []
     for name, batch, size in ONNX_CASES:
@@ -151,15 +164,8 @@ def bench_onnx(reps: int) -> list[Row]:
                     path = lc.export_onnx(converted, Path(folder) / "converted.onnx", example[:1], frozen=frozen)
                 finally:
                     FrozenCenteredSoftplus.forward = default_forward
-                parity = lc.verify_onnx(converted, path, example, num_random=4)
-                lcnn = quiet_session(path)
-                base, cand = alternate(lambda: original.run(None, feed), lambda: lcnn.run(None, feed), reps)
-                rows.append(Row(
-                    "onnx latency", f"{name} b{batch}@{size}, {form}", median_ratio(cand, base), "≤ 1.10×",
-                    ms(base), ms(cand),
-                    f"parity {'passed' if parity.passed else 'FAILED'}, max abs diff {parity.max_abs_diff:.1e}",
-                ))  # fmt: skip
-                print(rows[-1], file=sys.stderr)
+                case = f"{name} b{batch}@{size}, {form}"
+                rows.append(latency_row(case, original, converted, path, example, feed, reps))
     return rows
 
 
@@ -174,15 +180,8 @@ def bench_onnx_swish(reps: int) -> list[Row]:
         with tempfile.TemporaryDirectory() as folder:
             original = quiet_session(lc.export_onnx(model, Path(folder) / "original.onnx", example[:1]))
             path = lc.export_onnx(converted, Path(folder) / "converted.onnx", example[:1])
-            parity = lc.verify_onnx(converted, path, example, num_random=4)
-            lcnn = quiet_session(path)
-            base, cand = alternate(lambda: original.run(None, feed), lambda: lcnn.run(None, feed), reps)
-            rows.append(Row(
-                "onnx latency", f"{name} b{batch}@{size}, --activation swish", median_ratio(cand, base), "≤ 1.10×",
-                ms(base), ms(cand),
-                f"parity {'passed' if parity.passed else 'FAILED'}, max abs diff {parity.max_abs_diff:.1e}",
-            ))  # fmt: skip
-            print(rows[-1], file=sys.stderr)
+            case = f"{name} b{batch}@{size}, --activation swish"
+            rows.append(latency_row(case, original, converted, path, example, feed, reps))
     return rows
 
 

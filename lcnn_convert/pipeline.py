@@ -169,7 +169,7 @@ class ConversionJob:
 def parse_beta(text: str) -> float | str:
     if text == "auto":
         return "auto"
-    expected = f"'auto' or a number in [{BETA_MIN:g}, {BETA_MAX:g}] (the centered softplus' range)"
+    expected = f"'auto' or a number in [{BETA_MIN:g}, {BETA_MAX:g}] (the LCNN activations' range)"
     try:
         value = float(text)
     except ValueError:

@@ -41,6 +41,17 @@ def test_export_uses_standard_ops_with_a_dynamic_batch(tmp_path, converted_resne
     assert not list(tmp_path.glob(".*partial"))
 
 
+def test_the_inference_export_carries_folded_constants(tmp_path, converted_resnet):
+    """Each Lipschitz BN's clip and each conv's 1/sigma are constants in the file: Conv -> activation."""
+    path = export_onnx(converted_resnet, tmp_path / "model.onnx", torch.randn(2, 3, 64, 64))
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert not ops & {"ReduceMax", "Exp", "Clip", "Div"}, ops
+    assert "Conv" in ops and "Sigmoid" in ops
+    assert verify_onnx(converted_resnet, path, torch.randn(4, 3, 64, 64)).passed
+    learnable = export_onnx(converted_resnet, tmp_path / "learnable.onnx", torch.randn(2, 3, 64, 64), frozen=False)
+    assert {"Exp", "Clip"} <= {node.op_type for node in onnx.load(str(learnable)).graph.node}
+
+
 def test_export_rejects_old_opsets(tmp_path, converted_resnet):
     with pytest.raises(lc.LcnnError, match="opset"):
         export_onnx(converted_resnet, tmp_path / "m.onnx", torch.randn(1, 3, 64, 64), opset=13)

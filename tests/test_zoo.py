@@ -27,7 +27,6 @@ REPRESENTATIVE = (
     "timm:convnext_atto",
     "timm:vit_tiny_patch16_224",
     "timm:efficientnet_b0",
-    "timm:mobilenetv3_small_100",
 )
 
 

@@ -133,18 +133,14 @@ def family_rules(family: ActivationFamily, activation: str = DEFAULT_ACTIVATION)
             lambda ctx: family.build(family.parameters_of_module(ctx.module), ctx.beta, activation),
             lambda ctx: bool(getattr(ctx.module, "inplace", False)),
         ))  # fmt: skip
-    if family.functions:
-        rules.append(ReplacementRule(
-            f"{family.name}-function{suffix}", "activation", match_function(*family.functions),
-            lambda ctx: family.build(_arguments(family, ctx), ctx.beta, activation),
-            lambda ctx: _call_is_inplace(family, ctx),
-        ))  # fmt: skip
-    if family.methods:
-        rules.append(ReplacementRule(
-            f"{family.name}-method{suffix}", "activation", match_method(*family.methods),
-            lambda ctx: family.build(_arguments(family, ctx), ctx.beta, activation),
-            lambda ctx: _call_is_inplace(family, ctx),
-        ))  # fmt: skip
+    calls = (("function", family.functions, match_function), ("method", family.methods, match_method))
+    for kind, targets, matcher in calls:
+        if targets:
+            rules.append(ReplacementRule(
+                f"{family.name}-{kind}{suffix}", "activation", matcher(*targets),
+                lambda ctx: family.build(_arguments(family, ctx), ctx.beta, activation),
+                lambda ctx: _call_is_inplace(family, ctx),
+            ))  # fmt: skip
     return tuple(rules)
 
 
