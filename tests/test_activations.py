@@ -224,9 +224,20 @@ def test_each_module_type_belongs_to_the_first_family_listing_it_and_no_other():
 
 
 def test_fine_tuning_penalises_every_learnable_activation_and_bn():
+    # beta in the centered softplus's units: x sigmoid(2x) peaks at |f''| = 1, as the softplus at beta 4
     model = nn.Sequential(ScaledActivation("silu", 2.0), CenteredSoftplus(5.0), SmoothHardswish(3.0), nn.Linear(2, 2))
     beta_term, gamma_term = regularisers(model)
-    assert beta_term.item() == pytest.approx(10.0, rel=1e-5) and gamma_term.item() == 0.0
+    assert beta_term.item() == pytest.approx(4.0 + 5.0 + 3.0, rel=1e-5) and gamma_term.item() == 0.0
+
+
+@pytest.mark.parametrize("activation", ["centered_softplus", "swish"])
+def test_the_beta_penalty_weighs_equal_peak_curvature_equally(activation):
+    softplus_unit = CenteredSoftplus(1.0).curvature_constant()
+    for name, original in {**EXACT, **PIECEWISE}.items():
+        layer = replacement(original, beta=3.0, activation=activation)
+        if isinstance(layer, SmoothHardswish) or (isinstance(layer, ScaledActivation) and layer._spec().saturating):
+            continue  # their peak curvature is not beta times a constant
+        assert layer.regulariser_term().item() == pytest.approx(layer.curvature_constant() / softplus_unit, rel=1e-5), name
 
 
 def test_input_hessian_stand_ins_are_the_layers_inference_forms():

@@ -287,6 +287,42 @@ def test_untraceable_model_falls_back_to_module_swap(images):
     assert report.curvature_bound is None and "module swap" in report.bound_notes[0]
 
 
+@timm.layers.register_notrace_module
+class GatedBlock(nn.Module):
+    """A block fx keeps whole (timm's no-trace registry, like MobileVitBlock or NormFreeBlock)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.act = nn.SiLU()
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x):
+        y = self.act(self.bn(self.conv(x)))
+        return x + y * self.gate(y.mean((2, 3), keepdim=True))
+
+
+def test_activations_and_batchnorms_inside_blocks_fx_keeps_whole_are_swapped_exactly(images):
+    model = randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 8, 3), GatedBlock(8), GatedBlock(8), nn.AdaptiveAvgPool2d(1),
+                                               nn.Flatten(), nn.Linear(8, 5))).eval()  # fmt: skip
+    x = images[:, :, :16, :16]
+    converted = lc.convert(model, x)
+    report = converted.conversion_report
+    assert report.method == "fx"
+    assert sorted(report.activations_replaced) == ["1.act", "1.gate", "2.act", "2.gate"]
+    assert sorted(report.batchnorms_replaced) == ["1.bn", "2.bn"]
+    assert report.skipped == []
+    assert isinstance(converted.get_submodule("1.act"), ScaledActivation)
+    assert isinstance(converted.get_submodule("2.bn"), LipschitzBatchNorm)
+    with torch.no_grad():
+        assert (converted(x) - model(x)).abs().max() <= 1e-5
+    # a user's rules reach inside too
+    mine = ReplacementRule("silu-as-softplus", "activation", match_module(nn.SiLU), lambda ctx: CenteredSoftplus(7.0))
+    custom = lc.convert(model, x, rules=(mine, *lc.DEFAULT_RULES), beta=7.0)
+    assert isinstance(custom.get_submodule("2.act"), CenteredSoftplus)
+
+
 def test_users_extend_the_rule_table():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.GELU(), nn.Flatten(), nn.LazyLinear(2))
     model(torch.randn(1, 3, 8, 8))

@@ -21,7 +21,7 @@ from ..defaults import DEFAULT_MIN_AGREEMENT
 from ..fidelity import Fidelity, compare_logits, logits_of
 from .calibrate import DEFAULT_LOGIT_TOLERANCE, calibrate_beta, first_tensor
 from .graph_pass import apply_rules, capture_input_shapes, list_unconverted, normalize_linear_layers
-from .module_swap import find_functional_calls, swap_modules
+from .module_swap import find_functional_calls, swap_inside_leaves, swap_modules
 from .report import BetaChoice, ConversionReport
 from .activations import DEFAULT_ACTIVATION, LCNN_ACTIVATIONS
 from .rules import ReplacementRule, default_rules
@@ -251,6 +251,10 @@ def convert_with_options(
     shapes = capture_input_shapes(converted, example) if options.estimate_norms else {}
     if report.method == "fx":
         activations, batchnorms = apply_rules(converted, options.rules, initial_beta, options.replace_activations)
+        inside_activations, inside_batchnorms = swap_inside_leaves(
+            converted, options.rules, initial_beta, options.replace_activations
+        )
+        activations, batchnorms = activations + inside_activations, batchnorms + inside_batchnorms
         report.skipped = list_unconverted(converted, options.replace_activations)
         normalized, skipped = normalize_linear_layers(converted, shapes, converted.graph, options.estimate_norms)
     else:

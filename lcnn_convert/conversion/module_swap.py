@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 
 from ..layers import LCNN_LAYERS
@@ -82,3 +82,28 @@ def find_functional_calls(model: nn.Module, example: tuple[torch.Tensor, ...], w
         Skipped(f"{scope or '<root>'}:{name}", kind, f"functional call not replaced: {why}")
         for (scope, name), kind in recorder.calls.items()
     ]
+
+
+def swap_inside_leaves(
+    graph_module: fx.GraphModule, rules: Sequence[ReplacementRule], beta: float, replace_activations: bool
+) -> tuple[list[str], list[str]]:
+    """Apply the module rules inside the module calls that the graph pass left whole.
+
+    fx does not trace into a leaf (timm's no-trace blocks such as MobileVitBlock and NormFreeBlock, or
+    a module it cannot trace), so its activations and BatchNorms never reach the graph's rules; the
+    leaf keeps its own forward and gets its submodules swapped in place, as the module-swap fallback does.
+    """
+    activations: list[str] = []
+    batchnorms: list[str] = []
+    done: set[str] = set()
+    for node in graph_module.graph.nodes:
+        if node.op != "call_module" or node.target in done:
+            continue
+        done.add(node.target)
+        leaf = graph_module.get_submodule(node.target)
+        if isinstance(leaf, LCNN_LAYERS) or not any(True for _ in leaf.children()):
+            continue
+        inside_activations, inside_batchnorms = swap_modules(leaf, rules, beta, replace_activations)
+        activations += [f"{node.target}.{path}" for path in inside_activations]
+        batchnorms += [f"{node.target}.{path}" for path in inside_batchnorms]
+    return activations, batchnorms

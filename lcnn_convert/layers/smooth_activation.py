@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 LOG2 = math.log(2.0)
+# The centered softplus's peak |f''| per unit of beta: the unit of every family's beta penalty.
+REFERENCE_CURVATURE = 0.25
 # Outside this range float16 cannot hold 1/beta or beta*x well enough; the clamp keeps every
 # supported dtype finite (see tests/test_layers.py).
 BETA_MIN = 1e-3
@@ -84,9 +86,17 @@ class SmoothActivation(nn.Module):
         """What the layer is, for reports: "centered softplus", "swish", "gelu (exact)", ..."""
         return type(self).__name__
 
+    @property
+    def sharpness_per_beta(self) -> float:
+        """Peak |f''| per unit of beta, over the centered softplus's (1/4). The penalty on beta times
+        this weighs the same shape the same in every family: x sigmoid(beta x) is as sharp as the
+        centered softplus at twice its beta, so a plain beta penalty would leave it twice as sharp."""
+        return 1.0
+
     def regulariser_term(self) -> torch.Tensor:
-        """What fine-tuning adds to the loss (times lambda_beta): beta itself, as in the paper."""
-        return self.beta
+        """What fine-tuning adds to the loss (times lambda_beta): beta, as in the paper, in the
+        centered softplus's units of peak curvature (``sharpness_per_beta``)."""
+        return self.beta * self.sharpness_per_beta
 
     def lipschitz_constant(self) -> float:
         raise NotImplementedError
@@ -183,6 +193,10 @@ class ScaledActivation(SmoothActivation):
     def _spec(self) -> SmoothFunction:
         return SMOOTH_FUNCTIONS[self.function]
 
+    @property
+    def sharpness_per_beta(self) -> float:
+        return self._spec().curvature(**self.parameters_of_function) / REFERENCE_CURVATURE
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         beta = self.beta.to(x.dtype)
         if self.function == "silu":
@@ -274,7 +288,7 @@ def _swish_relu(z: torch.Tensor, beta: torch.Tensor | float) -> torch.Tensor:
 
 
 SMOOTH_RELUS: dict[str, SmoothRelu] = {
-    "centered_softplus": SmoothRelu("centered_softplus", _softplus_relu, (0.0, 1.0), 0.25, 0.22388, 0.27847, LOG2),
+    "centered_softplus": SmoothRelu("centered_softplus", _softplus_relu, (0.0, 1.0), REFERENCE_CURVATURE, 0.22388, 0.27847, LOG2),
     "swish": SmoothRelu("swish", _swish_relu, (-0.09984, 1.09984), 0.5, 0.30240, 0.26460, 0.27847),
 }
 
@@ -319,6 +333,10 @@ class SmoothPiecewiseLinear(SmoothActivation):
 
     def curvature_constant(self) -> float:
         return self.frozen_beta() * self.relu.curvature * sum(abs(w) for w in self.weights)
+
+    @property
+    def sharpness_per_beta(self) -> float:
+        return self.relu.curvature * sum(abs(w) for w in self.weights) / REFERENCE_CURVATURE
 
     def inference_form(self) -> nn.Module:
         return _FrozenPiecewise(self, self.frozen_beta())
@@ -390,6 +408,10 @@ class SmoothHardswish(SmoothActivation):
     def curvature_constant(self) -> float:
         low, high = self.relu.slope_range
         return (high - low) / 3 + self.frozen_beta() * self.relu.curvature + self.relu.moment / 3
+
+    @property
+    def sharpness_per_beta(self) -> float:
+        return self.relu.curvature / REFERENCE_CURVATURE
 
     def inference_form(self) -> nn.Module:
         return _FrozenHardswish(self.gate_spec, self.frozen_beta())
