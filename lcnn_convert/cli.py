@@ -51,7 +51,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    rich_markup_mode="rich",
 )
 COMMANDS = ("convert", "verify")
 GROUP_OPTIONS = ("--help",)
@@ -61,6 +61,9 @@ DATASET_NAMES = "digits, cifar10, cifar100, svhn or folder:PATH"
 CLICK_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
 MAX_VERIFY_INPUTS = 10_000
 HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# The help panels of the convert command's options.
+PANEL_MODEL, PANEL_CONVERSION, PANEL_CALIBRATION = "Model", "Conversion", "Calibration"
+PANEL_FINETUNING, PANEL_MEASURING, PANEL_OUTPUT = "Fine-tuning", "Measuring and parity", "Output"
 # The fine-tuning options' defaults are FinetuneConfig's.
 TRAINING = FinetuneConfig()
 
@@ -100,7 +103,9 @@ def _interruptible() -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt as stopped:
-        raise Interrupted.from_signal(stopped, f"{Interrupted.signal_name(stopped)} before anything was written") from None
+        raise Interrupted.from_signal(
+            stopped, f"{Interrupted.signal_name(stopped)} before anything was written"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -134,114 +139,211 @@ def convert_command(
     model: Annotated[str, typer.Argument(help="Model name: resnet18, torchvision:resnet18 or timm:efficientnet_b0.")],
     weights: Annotated[
         Optional[Path],
-        typer.Option(help="Local state dict (.pth/.pt read with weights_only=True, or .safetensors)."),
-    ] = None,
-    pretrained: Annotated[
-        bool, typer.Option("--pretrained/--no-pretrained", help="Download the library's pretrained weights.")
-    ] = True,
-    num_classes: Annotated[
-        Optional[int], typer.Option(help="Classes of the head; read from --weights when not given.")
-    ] = None,
-    beta: Annotated[
-        str, typer.Option(help="'auto' (calibrate per ReLU-like site) or a fixed sharpness β > 0 for them.")
-    ] = "auto",
-    activation: Annotated[
-        Activation,
-        typer.Option(help="Smooth ReLU for ReLU-like activations: centered-softplus (the paper's) or swish "
-                     "(x·sigmoid(βx), about ReLU's ONNX speed). SiLU, GELU, … are converted exactly either way."),
-    ] = Activation[DEFAULT_ACTIVATION],
-    image_size: Annotated[
-        Optional[int], typer.Option(help="Square input size; default: the model's own data config.")
-    ] = None,
-    output: Annotated[
-        Optional[Path], typer.Option("--output", "-o", help="Output dir (default ./lcnn-out/MODEL).")
-    ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output dir.")] = False,
-    opset: Annotated[int, typer.Option(help=f"ONNX opset (>= {DEFAULT_OPSET}).")] = DEFAULT_OPSET,
-    device: Annotated[
-        Device, typer.Option(help="Where to convert, fine-tune and measure (auto: cuda when there is one).")
-    ] = Device.auto,
-    atol: Annotated[float, typer.Option(help="Parity gate on the logits' max abs difference.")] = DEFAULT_ATOL,
-    seed: Annotated[int, typer.Option(help="Seed of the calibration and verification inputs.")] = TRAINING.seed,
-    json_output: Annotated[bool, typer.Option("--json", help="Print report.json instead of tables.")] = False,
-    finetune: Annotated[
-        Optional[str],
-        typer.Option(help=f"Fine-tune on {DATASET_NAMES}, with the LCNN regularisers."),
-    ] = None,
-    evaluate: Annotated[
-        Optional[str], typer.Option("--eval", help="Measure original and converted model on DATASET, no training.")
-    ] = None,
-    calibrate: Annotated[
-        Optional[str],
         typer.Option(
-            help=f"Calibrate beta on {DATASET_NAMES}'s train split and measure fidelity on its test split "
-            "(default without a dataset: inputs synthesised from the model's BatchNorm statistics)."
+            rich_help_panel=PANEL_MODEL,
+            help="Local state dict (.pth/.pt read with weights_only=True, or .safetensors).",
         ),
     ] = None,
-    calibration_examples: Annotated[
-        int, typer.Option(help="Train images beta is calibrated on.")
-    ] = CALIBRATION_EXAMPLES,
-    min_agreement: Annotated[
-        float,
-        typer.Option(help="Fidelity gate: least top-1 agreement with the original on real held-out images."),
-    ] = DEFAULT_MIN_AGREEMENT,
-    logit_tolerance: Annotated[
-        float, typer.Option(help="Calibration target: mean relative logit error allowed against the original.")
-    ] = DEFAULT_LOGIT_TOLERANCE,
+    pretrained: Annotated[
+        bool,
+        typer.Option(
+            "--pretrained/--no-pretrained",
+            rich_help_panel=PANEL_MODEL,
+            help="Download the library's pretrained weights.",
+        ),
+    ] = True,
+    num_classes: Annotated[
+        Optional[int],
+        typer.Option(rich_help_panel=PANEL_MODEL, help="Classes of the head; read from --weights when not given."),
+    ] = None,
+    image_size: Annotated[
+        Optional[int],
+        typer.Option(rich_help_panel=PANEL_MODEL, help="Square input size; default: the model's own data config."),
+    ] = None,
     mean: Annotated[
         Optional[tuple[float, float, float]],
-        typer.Option(metavar="R G B", help="Normalisation mean the model was trained with (default: its data config)."),
+        typer.Option(
+            rich_help_panel=PANEL_MODEL,
+            metavar="R G B",
+            help="Normalisation mean the model was trained with (default: its data config).",
+        ),
     ] = None,
     std: Annotated[
         Optional[tuple[float, float, float]],
-        typer.Option(metavar="R G B", help="Normalisation std the model was trained with (default: its data config)."),
+        typer.Option(
+            rich_help_panel=PANEL_MODEL,
+            metavar="R G B",
+            help="Normalisation std the model was trained with (default: its data config).",
+        ),
     ] = None,
     interpolation: Annotated[
-        Optional[str], typer.Option(help="Resize interpolation: bilinear, bicubic, nearest, … (default: data config).")
+        Optional[str],
+        typer.Option(
+            rich_help_panel=PANEL_MODEL,
+            help="Resize interpolation: bilinear, bicubic, nearest, … (default: data config).",
+        ),
     ] = None,
+    beta: Annotated[
+        str,
+        typer.Option(
+            rich_help_panel=PANEL_CONVERSION,
+            help="'auto' (calibrate per ReLU-like site) or a fixed sharpness β > 0 for them.",
+        ),
+    ] = "auto",
+    activation: Annotated[
+        Activation,
+        typer.Option(
+            rich_help_panel=PANEL_CONVERSION,
+            help="Smooth ReLU for ReLU-like activations: centered-softplus (the paper's) or swish "
+            "(x·sigmoid(βx), about ReLU's ONNX speed). SiLU, GELU, … are converted exactly either way.",
+        ),
+    ] = Activation[DEFAULT_ACTIVATION],
+    device: Annotated[
+        Device,
+        typer.Option(
+            rich_help_panel=PANEL_CONVERSION,
+            help="Where to convert, fine-tune and measure (auto: cuda when there is one).",
+        ),
+    ] = Device.auto,
+    calibrate: Annotated[
+        Optional[str],
+        typer.Option(
+            rich_help_panel=PANEL_CALIBRATION,
+            help=f"Calibrate beta on {DATASET_NAMES}'s train split and measure fidelity on its test split "
+            "(default without a dataset: inputs synthesised from the model's BatchNorm statistics).",
+        ),
+    ] = None,
+    calibration_examples: Annotated[
+        int, typer.Option(rich_help_panel=PANEL_CALIBRATION, help="Train images beta is calibrated on.")
+    ] = CALIBRATION_EXAMPLES,
+    min_agreement: Annotated[
+        float,
+        typer.Option(
+            rich_help_panel=PANEL_CALIBRATION,
+            help="Fidelity gate: least top-1 agreement with the original on real held-out images.",
+        ),
+    ] = DEFAULT_MIN_AGREEMENT,
+    logit_tolerance: Annotated[
+        float,
+        typer.Option(
+            rich_help_panel=PANEL_CALIBRATION,
+            help="Calibration target: mean relative logit error allowed against the original.",
+        ),
+    ] = DEFAULT_LOGIT_TOLERANCE,
     data_dir: Annotated[
-        Optional[Path], typer.Option(help="Where datasets are (or are downloaded to); default a cache folder.")
+        Optional[Path],
+        typer.Option(
+            rich_help_panel=PANEL_CALIBRATION, help="Where datasets are (or are downloaded to); default a cache folder."
+        ),
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted --finetune run from its checkpoint.")] = False,
-    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = TRAINING.epochs,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop fine-tuning after this many steps.")] = None,
+    finetune: Annotated[
+        Optional[str],
+        typer.Option(
+            rich_help_panel=PANEL_FINETUNING, help=f"Fine-tune on {DATASET_NAMES}, with the LCNN regularisers."
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            rich_help_panel=PANEL_FINETUNING, help="Continue an interrupted --finetune run from its checkpoint."
+        ),
+    ] = False,
+    epochs: Annotated[
+        int, typer.Option(rich_help_panel=PANEL_FINETUNING, help="Fine-tuning epochs.")
+    ] = TRAINING.epochs,
+    max_steps: Annotated[
+        Optional[int], typer.Option(rich_help_panel=PANEL_FINETUNING, help="Stop fine-tuning after this many steps.")
+    ] = None,
     batch_size: Annotated[
         Optional[int],
-        typer.Option(help="Fine-tuning batch size (default: the largest of "
-                     f"{'/'.join(map(str, AUTO_BATCH_SIZES))} giving {MIN_STEPS_PER_EPOCH} steps an epoch)."),
+        typer.Option(
+            rich_help_panel=PANEL_FINETUNING,
+            help="Fine-tuning batch size (default: the largest of "
+            f"{'/'.join(map(str, AUTO_BATCH_SIZES))} giving {MIN_STEPS_PER_EPOCH} steps an epoch).",
+        ),
     ] = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = TRAINING.lr,
+    lr: Annotated[float, typer.Option(rich_help_panel=PANEL_FINETUNING, help="Peak learning rate.")] = TRAINING.lr,
     beta_lr: Annotated[
-        Optional[float], typer.Option(help=f"Peak learning rate of log beta (default: {BETA_LR_FACTOR:g} x --lr).")
+        Optional[float],
+        typer.Option(
+            rich_help_panel=PANEL_FINETUNING,
+            help=f"Peak learning rate of log beta (default: {BETA_LR_FACTOR:g} x --lr).",
+        ),
     ] = None,
-    optimizer: Annotated[Optimizer, typer.Option(help="sgd: momentum 0.9, Nesterov.")] = Optimizer(TRAINING.optimizer),
+    optimizer: Annotated[
+        Optimizer, typer.Option(rich_help_panel=PANEL_FINETUNING, help="sgd: momentum 0.9, Nesterov.")
+    ] = Optimizer(TRAINING.optimizer),
     schedule: Annotated[
-        Schedule, typer.Option(help="The learning rate's schedule over the run.")
+        Schedule, typer.Option(rich_help_panel=PANEL_FINETUNING, help="The learning rate's schedule over the run.")
     ] = Schedule(TRAINING.schedule),
     weight_decay: Annotated[
-        float, typer.Option(help="Weight decay (never on beta, gamma, scales, biases).")
+        float,
+        typer.Option(rich_help_panel=PANEL_FINETUNING, help="Weight decay (never on beta, gamma, scales, biases)."),
     ] = TRAINING.weight_decay,
     smoothness: Annotated[
         float,
-        typer.Option(help="The accuracy/curvature trade-off: weight of sum(beta) in the loss, in units of "
-                     f"{LAMBDA_BETA_PER_SMOOTHNESS:g} "
-                     "(0: no beta penalty; lower keeps more accuracy, higher lowers curvature more)."),
+        typer.Option(
+            rich_help_panel=PANEL_FINETUNING,
+            help="The accuracy/curvature trade-off: weight of the beta penalty (each beta times its family's "
+            f"peak curvature per beta, the centered softplus's = 1) in the loss, in units of {LAMBDA_BETA_PER_SMOOTHNESS:g} "
+            "(0: no beta penalty; lower keeps more accuracy, higher lowers curvature more).",
+        ),
     ] = TRAINING.smoothness,
     lambda_gamma: Annotated[
-        float, typer.Option(help="Weight of sum(|log gamma|) in the loss.")
+        float, typer.Option(rich_help_panel=PANEL_FINETUNING, help="Weight of sum(|log gamma|) in the loss.")
     ] = TRAINING.lambda_gamma,
     grad_norm: Annotated[
-        float, typer.Option(help="Weight of the input-gradient-norm penalty (double backprop; 0 = off).")
+        float,
+        typer.Option(
+            rich_help_panel=PANEL_FINETUNING,
+            help="Weight of the input-gradient-norm penalty (double backprop; 0 = off).",
+        ),
     ] = TRAINING.lambda_grad,
     distill: Annotated[
-        float, typer.Option(help="Share of the loss that is KL to the original model's predictions (0 = labels only).")
+        float,
+        typer.Option(
+            rich_help_panel=PANEL_FINETUNING,
+            help="Share of the loss that is KL to the original model's predictions (0 = labels only).",
+        ),
     ] = TRAINING.distill,
     refresh_bn: Annotated[
         bool,
-        typer.Option("--refresh-bn/--no-refresh-bn",
-                     help="Re-estimate BatchNorm statistics for the final betas after the last epoch."),
+        typer.Option(
+            "--refresh-bn/--no-refresh-bn",
+            rich_help_panel=PANEL_FINETUNING,
+            help="Re-estimate BatchNorm statistics for the final betas after the last epoch.",
+        ),
     ] = TRAINING.refresh_batchnorm,
-    eval_examples: Annotated[int, typer.Option(help="Test examples for curvature and PGD.")] = EVAL_EXAMPLES,
+    atol: Annotated[
+        float, typer.Option(rich_help_panel=PANEL_MEASURING, help="Parity gate on the logits' max abs difference.")
+    ] = DEFAULT_ATOL,
+    seed: Annotated[
+        int, typer.Option(rich_help_panel=PANEL_MEASURING, help="Seed of the calibration and verification inputs.")
+    ] = TRAINING.seed,
+    evaluate: Annotated[
+        Optional[str],
+        typer.Option(
+            "--eval",
+            rich_help_panel=PANEL_MEASURING,
+            help="Measure original and converted model on DATASET, no training.",
+        ),
+    ] = None,
+    eval_examples: Annotated[
+        int, typer.Option(rich_help_panel=PANEL_MEASURING, help="Test examples for curvature and PGD.")
+    ] = EVAL_EXAMPLES,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", rich_help_panel=PANEL_OUTPUT, help="Output dir (default ./lcnn-out/MODEL)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(rich_help_panel=PANEL_OUTPUT, help="Replace a non-empty output dir.")
+    ] = False,
+    opset: Annotated[
+        int, typer.Option(rich_help_panel=PANEL_OUTPUT, help=f"ONNX opset (>= {DEFAULT_OPSET}).")
+    ] = DEFAULT_OPSET,
+    json_output: Annotated[
+        bool, typer.Option("--json", rich_help_panel=PANEL_OUTPUT, help="Print report.json instead of tables.")
+    ] = False,
 ) -> None:
     """Convert MODEL, write model.onnx, model.safetensors and report.json, and check ONNX parity."""
     with _imports_held():
@@ -277,14 +379,16 @@ def convert_command(
 
 @app.command("verify", short_help="Re-check an output dir's ONNX against its weights.")
 def verify_command(
-    directory: Annotated[Path, typer.Argument(help="An output dir written by lcnn-convert.")],
+    directory: Annotated[
+        Path, typer.Argument(help="An output dir written by lcnn-convert.", exists=True, file_okay=False)
+    ],
     atol: Annotated[float, typer.Option(help="Parity gate on the logits' max abs difference.")] = DEFAULT_ATOL,
-    num_inputs: Annotated[int, typer.Option(help="Random inputs to compare on.")] = DEFAULT_RANDOM_INPUTS,
+    num_inputs: Annotated[
+        int, typer.Option(help="Random inputs to compare on.", min=1, max=MAX_VERIFY_INPUTS)
+    ] = DEFAULT_RANDOM_INPUTS,
 ) -> None:
     """Re-check an output dir: its files against report.json's checksums, then model.onnx against
     the model rebuilt from model.safetensors."""
-    if not 1 <= num_inputs <= MAX_VERIFY_INPUTS:
-        raise LcnnError(f"--num-inputs must lie in [1, {MAX_VERIFY_INPUTS}], got {num_inputs}")
     if not atol > 0:
         raise LcnnError(f"--atol must be > 0, got {atol}")
     with _imports_held():

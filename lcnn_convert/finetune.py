@@ -1,6 +1,6 @@
 """Stage 3, fine-tune: a short run with the LCNN regularisers, resumable epoch by epoch.
 
-loss = (1 - distill) * CE + distill * KL(original || model) + lambda_beta * sum(beta)
+loss = (1 - distill) * CE + distill * KL(original || model) + lambda_beta * sum(c * beta)
        + lambda_gamma * sum(|log gamma|) [+ lambda_grad * mean ||d CE_i / dx||^2]
 
 What makes a few epochs enough (docs/finetuning.md has the sweep behind each default):
@@ -113,8 +113,8 @@ class FinetuneResult:
 
 
 def regularisers(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the "beta" terms, sum of the "gamma" terms) the LCNN layers state: beta of every
-    learnable activation, |log gamma| of every Lipschitz BN."""
+    """(sum of the "beta" terms, sum of the "gamma" terms) the LCNN layers state: c * beta of every
+    learnable activation (c its family's ``sharpness_per_beta``), |log gamma| of every Lipschitz BN."""
     zero = next(model.parameters()).new_zeros(())
     terms: dict[str, list[torch.Tensor]] = {"beta": [], "gamma": []}
     for module in model.modules():

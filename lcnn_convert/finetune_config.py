@@ -14,7 +14,7 @@ from .errors import InvalidSetting
 AUTO_BATCH_SIZES = (128, 64, 32, 16)
 MIN_STEPS_PER_EPOCH = 40
 BETA_LR_FACTOR = 10.0
-# --smoothness 1 puts this weight on sum(beta).
+# --smoothness 1 puts this weight on sum(c * beta), c each family's sharpness_per_beta.
 LAMBDA_BETA_PER_SMOOTHNESS = 1e-2
 
 
@@ -50,7 +50,7 @@ class FinetuneConfig:
 
     @property
     def lambda_beta(self) -> float:
-        """The weight of sum(beta) in the loss."""
+        """The weight of sum(c * beta) in the loss."""
         return LAMBDA_BETA_PER_SMOOTHNESS * self.smoothness
 
     def resolved(self, train_examples: int, world_size: int = 1) -> FinetuneConfig:

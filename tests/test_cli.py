@@ -91,6 +91,14 @@ def test_verify_subcommand_passes_then_catches_tampering(tmp_path, cli):
     assert_one_line_error(cli("verify", out), "ONNX parity failed")
 
 
+def test_verify_checks_its_arguments(tmp_path, cli):
+    assert_one_line_error(cli("verify", tmp_path / "missing"), "does not exist")
+    (tmp_path / "file").write_text("")
+    assert_one_line_error(cli("verify", tmp_path / "file"), "is a file")
+    assert_one_line_error(cli("verify", tmp_path, "--num-inputs", "0"), "greater than or equal to 1")
+    assert_one_line_error(cli("verify", tmp_path, "--num-inputs", "10001"), "less than or equal to 10000")
+
+
 def test_help_explains_the_main_form():
     result = run_console_script("--help")
     assert result.returncode == 0 and "lcnn-convert MODEL [OPTIONS]" in result.stdout

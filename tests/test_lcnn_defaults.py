@@ -46,10 +46,16 @@ DIGITS_MEAN, DIGITS_STD = (0.5,), (0.5,)
 # original's either way, and which of the two falls short changed with float rounding alone
 # (MKL's reproducible mode: L2 52.3% -> 50.0% and L-inf 0% -> 0% before, L2 56.3% -> 58.6% and
 # L-inf 3.1% -> 0.0% after), so both are listed.
-KNOWN_SHORTFALLS: dict[str, set[str]] = {
-    "torchvision:resnet18": {"accuracy"},
-    "torchvision:densenet121": {"pgd_l2", "pgd_linf"},
+KNOWN_SHORTFALLS: dict[tuple[str, str], set[str]] = {
+    ("torchvision:resnet18", "centered-softplus"): {"accuracy"},
+    ("torchvision:densenet121", "centered-softplus"): {"pgd_l2", "pgd_linf"},
 }
+# --activation swish on the two resnet18s (densenet121's run would add ~4 minutes to the suite; its
+# figures are in docs/finetuning.md).
+BAR_RUNS = [(name, "centered-softplus") for name in DIGITS_MODELS] + [
+    ("torchvision:resnet18", "swish"),
+    ("timm:resnet18", "swish"),
+]
 
 
 def test_the_automatic_batch_size_gives_every_epoch_enough_steps():
@@ -184,18 +190,19 @@ def digit_tensors(digits):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(DIGITS_MODELS))
-def test_the_default_finetune_reaches_the_lcnn_bar(name, digits_models, tmp_path, cli):
-    """Requirement 1 of LCNN by default, with default options only, on the pipeline's own report."""
+@pytest.mark.parametrize(("name", "activation"), BAR_RUNS)
+def test_the_default_finetune_reaches_the_lcnn_bar(name, activation, digits_models, tmp_path, cli):
+    """Requirement 1 of LCNN by default, with default options only (and each LCNN activation), on the
+    pipeline's own report."""
     trained = digits_models[name]
     out = tmp_path / "out"
     result = cli(name, "--weights", trained.weights, "--num-classes", "10", "--image-size", str(trained.image_size),
-                 "--finetune", "digits", "-o", out, "--json")  # fmt: skip
+                 "--finetune", "digits", "--activation", activation, "-o", out, "--json")  # fmt: skip
     assert result.code == 0, result.err
     report = json.loads(result.out)
     original, finetuned = report["metrics"]["original"], report["metrics"]["finetuned"]
     summary = (
-        f"{name}: accuracy {original['accuracy']:.2%} -> {finetuned['accuracy']:.2%}, curvature "
+        f"{name} ({activation}): accuracy {original['accuracy']:.2%} -> {finetuned['accuracy']:.2%}, curvature "
         f"÷{original['curvature_mean'] / finetuned['curvature_mean']:.1f}, PGD L2 {original['pgd_l2_accuracy']:.2%} -> "
         f"{finetuned['pgd_l2_accuracy']:.2%}, Linf {original['pgd_linf_accuracy']:.2%} -> "
         f"{finetuned['pgd_linf_accuracy']:.2%}, parity {report['parity']['max_abs_diff']:.2g}"
@@ -216,7 +223,7 @@ def test_the_default_finetune_reaches_the_lcnn_bar(name, digits_models, tmp_path
         assert all(curves[model][norm]["epsilons"] == grid for model in curves)
     assert (out / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     missed = sorted(part for part, met in bar.items() if not met)
-    known = KNOWN_SHORTFALLS.get(name, set())
+    known = KNOWN_SHORTFALLS.get((name, activation), set())
     assert set(missed) <= known, f"{', '.join(missed)} below the bar: {summary}"
     if missed:
         # Open (issue "LCNN by default", see docs/finetuning.md): measured short of the bar with the
