@@ -89,7 +89,21 @@ def render(results: list[ZooResult]) -> str:
         f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}.\n\n"
         f"**{summary(results)}.**\n\n"
     )
-    return header + markdown_table(results)
+    return header + activations_left(results) + markdown_table(results)
+
+
+def activations_left(results: list[ZooResult]) -> str:
+    """How many models leave no activation as it was, and which leave some."""
+    keeping = [r for r in results if r.status == "ok" and r.activations_left]
+    ok = sum(r.status == "ok" for r in results)
+    text = f"{ok - len(keeping)} of the {ok} models that pass leave no activation as it was"
+    if keeping:
+        text += ": " + ", ".join(f"{r.model} ({r.activations_left})" for r in keeping) + " keep some"
+    return (
+        text + ". Before every activation family had a rule (2026-12-03), 38 of 80 torchvision and 35 of 58 "
+        "timm models kept some or all of their activations; before blocks that fx keeps whole had their "
+        "submodules converted (the same day), timm's vgg11_bn, mobilevit_xxs and nfnet_l0 kept 1, 3 and 12.\n\n"
+    )
 
 
 def main() -> int:
