@@ -454,7 +454,7 @@ def test_verify_checks_report_json_and_catches_flipped_bits(cli, written, tmp_pa
     assert_one_line_error(cli("verify", out), "report.json is unreadable or damaged")
     (out / "report.json").unlink()
     assert_one_line_error(cli("verify", out), "no report.json")
-    assert_one_line_error(cli("verify", out, "--num-inputs", str(10**9)), "--num-inputs must lie in")
+    assert_one_line_error(cli("verify", out, "--num-inputs", str(10**9)), "--num-inputs", "less than or equal to 10000")
 
 
 # --- 4. the Python API checks its arguments ----------------------------------------------------

@@ -288,7 +288,9 @@ def _swish_relu(z: torch.Tensor, beta: torch.Tensor | float) -> torch.Tensor:
 
 
 SMOOTH_RELUS: dict[str, SmoothRelu] = {
-    "centered_softplus": SmoothRelu("centered_softplus", _softplus_relu, (0.0, 1.0), REFERENCE_CURVATURE, 0.22388, 0.27847, LOG2),
+    "centered_softplus": SmoothRelu(
+        "centered_softplus", _softplus_relu, (0.0, 1.0), REFERENCE_CURVATURE, 0.22388, 0.27847, LOG2
+    ),
     "swish": SmoothRelu("swish", _swish_relu, (-0.09984, 1.09984), 0.5, 0.30240, 0.26460, 0.27847),
 }
 
