@@ -333,7 +333,12 @@ def test_a_signal_during_the_stage_imports_waits_for_them_then_ends_in_one_line(
 def test_a_stopped_finetune_says_what_is_kept_and_resumes(tmp_path, stop):
     out = tmp_path / "out"
     args = (*FAST, "--finetune", "digits", "--epochs", "3", "-o", out)
-    process = subprocess.Popen(console_script(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A job started in the background by a non-interactive shell inherits SIGINT ignored, and Python
+    # then keeps it ignored: give the child the default disposition, as a terminal would.
+    process = subprocess.Popen(
+        console_script(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     lines = []
     for line in process.stderr:
         lines.append(line)
