@@ -31,7 +31,7 @@ from tests.conftest import DIGITS_MODELS, SILU_DIGITS_MODELS, train_on_digits  #
 MODELS = {**DIGITS_MODELS, **SILU_DIGITS_MODELS}
 
 
-def _config(settings: list[str]) -> FinetuneConfig:
+def config_from_settings(settings: list[str]) -> FinetuneConfig:
     types = {field.name: field.type for field in fields(FinetuneConfig)}
     values = {}
     for setting in settings:
@@ -64,7 +64,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as out:
             job = ConversionJob(
                 model=name, weights=weights, num_classes=10, image_size=size, finetune="digits",
-                output=Path(out) / "run", training=_config(args.set), activation=args.activation,
+                output=Path(out) / "run", training=config_from_settings(args.set), activation=args.activation,
             )  # fmt: skip
             report = run_conversion(job, quiet)
         original, finetuned = report.metrics["original"], report.metrics["finetuned"]

@@ -37,6 +37,7 @@ import torchvision
 from torch import nn
 
 import lcnn_convert as lc
+from lcnn_convert.defaults import LCNN_ACTIVATIONS
 from lcnn_convert.finetune import cross_entropy_and_grad_penalty, regularisers
 from lcnn_convert.measure import estimate_curvature
 from lcnn_convert.layers.inference import FrozenCenteredSoftplus
@@ -45,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
 BETA = 10.0
 ONNX_CASES = [("resnet18", 1, 224), ("resnet18", 64, 32), ("resnet50", 1, 224), ("efficientnet_b0", 1, 224)]
-GROUPS = ("onnx", "onnx-swish", "onnx-forms", "finetune", "memory", "curvature", "convert")
+GROUPS = ("onnx", "onnx-swish", "onnx-forms", "openvino", "finetune", "memory", "curvature", "convert")
 
 
 @dataclass
@@ -182,6 +183,38 @@ def bench_onnx_swish(reps: int) -> list[Row]:
             path = lc.export_onnx(converted, Path(folder) / "converted.onnx", example[:1])
             case = f"{name} b{batch}@{size}, --activation swish"
             rows.append(latency_row(case, original, converted, path, example, feed, reps))
+    return rows
+
+
+def openvino_model(path: Path):
+    """OpenVINO's CPU plugin on THREADS threads, latency mode, float32 (as `verify --runtime openvino`)."""
+    import openvino
+
+    config = {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    return openvino.Core().compile_model(str(path), "CPU", config)
+
+
+def bench_openvino(reps: int) -> list[Row]:
+    """Both LCNN activations in a second runtime: the same exported files, timed in OpenVINO."""
+    rows = []
+    for name, batch, size in ONNX_CASES[:3]:
+        model = random_model(name, size)
+        example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+        images = torch.randn(batch, 3, size, size).numpy()
+        with tempfile.TemporaryDirectory() as folder:
+            original = openvino_model(lc.export_onnx(model, Path(folder) / "original.onnx", example[:1]))
+            for activation in LCNN_ACTIVATIONS:
+                converted = lc.convert(model, example, beta=BETA, activation=activation).eval()
+                path = lc.export_onnx(converted, Path(folder) / f"{activation}.onnx", example[:1])
+                parity = lc.verify_onnx(converted, path, example, num_random=4, runtime_name="openvino")
+                lcnn = openvino_model(path)
+                base, cand = alternate(lambda: original(images), lambda: lcnn(images), reps)
+                rows.append(Row(
+                    "openvino latency", f"{name} b{batch}@{size}, {activation.replace('_', ' ')}",
+                    median_ratio(cand, base), "—", ms(base), ms(cand),
+                    f"OpenVINO parity {'passed' if parity.passed else 'FAILED'}, max abs diff {parity.max_abs_diff:.1e}",
+                ))  # fmt: skip
+                print(rows[-1], file=sys.stderr)
     return rows
 
 
@@ -387,6 +420,7 @@ BENCHMARKS: dict[str, Callable[[int], list[Row]]] = {
     "onnx": bench_onnx,
     "onnx-swish": bench_onnx_swish,
     "onnx-forms": bench_onnx_forms,
+    "openvino": bench_openvino,
     "finetune": bench_finetune,
     "memory": bench_memory,
     "curvature": bench_curvature,

@@ -23,12 +23,14 @@ from .defaults import (
     CALIBRATION_EXAMPLES,
     DEFAULT_ACTIVATION,
     DEFAULT_ATOL,
-    LCNN_ACTIVATIONS,
     DEFAULT_LOGIT_TOLERANCE,
     DEFAULT_MIN_AGREEMENT,
     DEFAULT_OPSET,
     DEFAULT_RANDOM_INPUTS,
+    DEFAULT_RUNTIME,
     EVAL_EXAMPLES,
+    LCNN_ACTIVATIONS,
+    ONNX_RUNTIMES,
 )
 from .errors import Interrupted, InvalidSetting, LcnnError, Terminated, first_line
 from .finetune_config import (
@@ -70,6 +72,7 @@ TRAINING = FinetuneConfig()
 
 # centered-softplus, swish: the library's names, dashed as options are
 Activation = Enum("Activation", {name: name.replace("_", "-") for name in LCNN_ACTIVATIONS}, type=str)
+OnnxRuntime = Enum("OnnxRuntime", {name: name for name in ONNX_RUNTIMES}, type=str)
 
 
 class Device(str, Enum):
@@ -386,19 +389,25 @@ def verify_command(
     num_inputs: Annotated[
         int, typer.Option(help="Random inputs to compare on.", min=1, max=MAX_VERIFY_INPUTS)
     ] = DEFAULT_RANDOM_INPUTS,
+    runtime: Annotated[
+        OnnxRuntime,
+        typer.Option(help='The ONNX runtime that runs model.onnx; openvino: pip install "lcnn-convert\\[openvino]".'),
+    ] = OnnxRuntime(DEFAULT_RUNTIME),
 ) -> None:
     """Re-check an output dir: its files against report.json's checksums, then model.onnx against
-    the model rebuilt from model.safetensors."""
+    the model rebuilt from model.safetensors, in onnxruntime or OpenVINO with the same gates."""
     if not atol > 0:
         raise LcnnError(f"--atol must be > 0, got {atol}")
     with _imports_held():
         from .artifacts import ONNX_FILE, check_files, load
+        from .verify import runtime as onnx_runtime
         from .verify import verify_onnx
     with _interruptible():
+        onnx_runtime(runtime.value)  # a missing runtime says what to install before anything is read
         check_files(directory)
         model = load(directory)
         onnx_path = directory / ONNX_FILE
-        result = verify_onnx(model, onnx_path, num_random=num_inputs, atol=atol)
+        result = verify_onnx(model, onnx_path, num_random=num_inputs, atol=atol, runtime_name=runtime.value)
     print(result)
     if not result.passed:
         raise LcnnError(result.failure())

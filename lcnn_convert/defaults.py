@@ -14,6 +14,10 @@ DEFAULT_OPSET = 17
 # compared on.
 DEFAULT_ATOL = 1e-4
 DEFAULT_RANDOM_INPUTS = 16
+# Verify: the ONNX runtimes a file can be checked in (lcnn_convert.verify.RUNTIMES runs them);
+# OpenVINO is an optional extra, pip install "lcnn-convert[openvino]".
+ONNX_RUNTIMES = ("onnxruntime", "openvino")
+DEFAULT_RUNTIME = "onnxruntime"
 # Convert (stage 2): calibration's target, the mean relative logit error allowed against the
 # original (docs/fidelity.md has the sweep), and the fidelity gate on real held-out images.
 DEFAULT_LOGIT_TOLERANCE = 0.02

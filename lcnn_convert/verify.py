@@ -1,9 +1,15 @@
-"""Stage 5, verify: onnxruntime (CPU) against PyTorch eval mode on the same inputs."""
+"""Stage 5, verify: an ONNX runtime (onnxruntime, or OpenVINO) against PyTorch eval mode on the same inputs.
+
+A file that passes in two independent runtimes is what "runs anywhere" means: ``RUNTIMES`` knows
+each one (how to load a file, how to run a batch, what to install), and ``verify_onnx`` applies the
+same gates whichever runs it.
+"""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +18,7 @@ import torch
 from torch import nn
 
 from .conversion.calibrate import first_tensor
-from .defaults import DEFAULT_ATOL, DEFAULT_RANDOM_INPUTS
+from .defaults import DEFAULT_ATOL, DEFAULT_RANDOM_INPUTS, DEFAULT_RUNTIME, ONNX_RUNTIMES
 from .errors import LcnnError, first_line
 
 DEFAULT_MIN_TOP1 = 1.0
@@ -38,6 +44,7 @@ class ParityResult:
     atol: float
     min_top1_agreement: float
     passed: bool
+    runtime: str = "onnxruntime"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,14 +58,14 @@ class ParityResult:
             problems.append(f"max abs diff {self.max_abs_diff:.3g} > atol {self.atol:.3g}")
         if self.top1_agreement < self.min_top1_agreement:
             problems.append(f"top-1 agreement {self.top1_agreement:.2%} < {self.min_top1_agreement:.2%}")
-        return "ONNX parity failed: " + "; ".join(problems) + f" over {self.num_inputs} inputs"
+        return f"ONNX parity failed in {self.runtime}: " + "; ".join(problems) + f" over {self.num_inputs} inputs"
 
     def __str__(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
         return (
             f"parity {verdict}: max abs diff {self.max_abs_diff:.3g} (atol {self.atol:.3g}), "
             f"max rel diff {self.max_rel_diff:.3g}, top-1 agreement {self.top1_agreement:.2%} "
-            f"over {self.num_inputs} inputs"
+            f"over {self.num_inputs} inputs ({self.runtime})"
         )
 
 
@@ -74,13 +81,84 @@ def onnx_session(path: str | Path, threads: int | None = None):
         raise LcnnError(f"onnxruntime cannot load {path}: {first_line(error)}") from error
 
 
-def _input_shape(session, inputs: torch.Tensor | None) -> tuple[int, ...]:
+@dataclass(frozen=True)
+class Runtime:
+    """One ONNX runtime: ``load(path)`` gives a callable from a float32 NCHW array to the first
+    output, ``input_dims(path)`` the input's dimensions (None where dynamic); ``install`` says how
+    to get it where it is missing."""
+
+    name: str
+    module: str
+    install: str
+    load: Callable[[Path], Callable[[np.ndarray], np.ndarray]]
+    input_dims: Callable[[Path], list[int | None]]
+
+
+def _onnxruntime_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    session = onnx_session(path)
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})[0]
+
+
+def _onnxruntime_dims(path: Path) -> list[int | None]:
+    return [dim if isinstance(dim, int) else None for dim in onnx_session(path).get_inputs()[0].shape]
+
+
+def _openvino_model(path: Path):
+    import openvino
+
+    try:
+        return openvino.Core().read_model(str(path))
+    except Exception as error:  # OpenVINO raises RuntimeError/its own types for unreadable graphs
+        raise LcnnError(f"OpenVINO cannot load {path}: {first_line(error)}") from error
+
+
+def _openvino_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    import openvino
+
+    try:
+        # f32 inference precision: the CPU plugin would otherwise run in bf16 where the CPU has it
+        compiled = openvino.Core().compile_model(_openvino_model(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    except LcnnError:
+        raise
+    except Exception as error:
+        raise LcnnError(f"OpenVINO cannot compile {path}: {first_line(error)}") from error
+    return lambda batch: np.asarray(compiled(batch)[compiled.output(0)])
+
+
+def _openvino_dims(path: Path) -> list[int | None]:
+    shape = _openvino_model(path).inputs[0].get_partial_shape()
+    return [dim.get_length() if dim.is_static else None for dim in shape]
+
+
+RUNTIMES: dict[str, Runtime] = {
+    "onnxruntime": Runtime("onnxruntime", "onnxruntime", "pip install onnxruntime", _onnxruntime_runner,
+                           _onnxruntime_dims),  # fmt: skip
+    "openvino": Runtime("openvino", "openvino", 'pip install "lcnn-convert[openvino]"', _openvino_runner,
+                        _openvino_dims),  # fmt: skip
+}
+assert tuple(RUNTIMES) == ONNX_RUNTIMES, "defaults.ONNX_RUNTIMES names what RUNTIMES runs"
+
+
+def runtime(name: str) -> Runtime:
+    """The runtime called ``name``, checked to be importable (one line saying what to install if not)."""
+    import importlib.util
+
+    if name not in RUNTIMES:
+        raise LcnnError(f"unknown runtime '{name}'; known: {', '.join(RUNTIMES)}")
+    found = RUNTIMES[name]
+    if importlib.util.find_spec(found.module) is None:
+        raise LcnnError(f"the {found.name} runtime is not installed: {found.install}")
+    return found
+
+
+def _input_shape(found: Runtime, path: Path, inputs: torch.Tensor | None) -> tuple[int, ...]:
     if inputs is not None:
         return tuple(inputs.shape[1:])
-    dims = session.get_inputs()[0].shape[1:]
+    dims = found.input_dims(path)[1:]
     if not all(isinstance(dim, int) for dim in dims):
         raise LcnnError("the ONNX input has dynamic non-batch dimensions; pass example inputs to verify with")
-    return tuple(dims)
+    return tuple(int(dim) for dim in dims)
 
 
 def verify_onnx(
@@ -92,14 +170,18 @@ def verify_onnx(
     min_top1_agreement: float = DEFAULT_MIN_TOP1,
     seed: int = 0,
     tie_tolerance: float = DEFAULT_TIE_TOLERANCE,
+    runtime_name: str = DEFAULT_RUNTIME,
 ) -> ParityResult:
-    """Compare onnxruntime's logits with the PyTorch model's (eval mode, CPU, float32).
+    """Compare the logits of ``runtime_name`` (a key of RUNTIMES, on the CPU) with the PyTorch
+    model's (eval mode, CPU, float32).
 
     Runs ``num_random`` standard-normal inputs of the model's input shape, plus ``inputs`` (real
     data) when given. Passes when max |diff| <= atol and top-1 agreement >= min_top1_agreement.
     """
-    session = onnx_session(path)
-    shape = _input_shape(session, inputs)
+    path = Path(path)
+    found = runtime(runtime_name)
+    run = found.load(path)
+    shape = _input_shape(found, path, inputs)
     generator = torch.Generator().manual_seed(seed)
     batches = [torch.randn((num_random, *shape), generator=generator)] if num_random > 0 else []
     if inputs is not None:
@@ -110,11 +192,10 @@ def verify_onnx(
     model = copy.deepcopy(model).cpu().float().eval()
     with torch.no_grad():
         expected = first_tensor(model(batch)).numpy()
-    input_name = session.get_inputs()[0].name
     try:
-        actual = session.run(None, {input_name: batch.numpy()})[0]
-    except Exception as error:  # onnxruntime's own error types
-        raise LcnnError(f"onnxruntime failed to run {path}: {first_line(error)}") from error
+        actual = run(batch.numpy())
+    except Exception as error:  # each runtime's own error types
+        raise LcnnError(f"{found.name} failed to run {path}: {first_line(error)}") from error
     if actual.shape != expected.shape:
         raise LcnnError(f"ONNX output shape {actual.shape} differs from PyTorch's {expected.shape}")
     difference = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
@@ -137,4 +218,5 @@ def verify_onnx(
         atol=atol,
         min_top1_agreement=min_top1_agreement,
         passed=passed,
+        runtime=found.name,
     )

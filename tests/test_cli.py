@@ -73,7 +73,10 @@ def test_verify_subcommand_passes_then_catches_tampering(tmp_path, cli):
     out = tmp_path / "out"
     assert cli("resnet18", *SMALL, "-o", out).code == 0
     result = cli("verify", out)
-    assert result.code == 0 and "parity passed" in result.out
+    assert result.code == 0 and "parity passed" in result.out and "(onnxruntime)" in result.out
+    # the same file and gates in a second, independent runtime
+    result = cli("verify", out, "--runtime", "openvino")
+    assert result.code == 0 and "parity passed" in result.out and "(openvino)" in result.out, result.err
     onnx_bytes = (out / "model.onnx").read_bytes()
     (out / "model.onnx").write_bytes(onnx_bytes[: len(onnx_bytes) // 2])
     assert_one_line_error(cli("verify", out), "model.onnx")
@@ -88,7 +91,8 @@ def test_verify_subcommand_passes_then_catches_tampering(tmp_path, cli):
     report = json.loads((out / "report.json").read_text())
     report["checksums"]["model.safetensors"] = checksum(out / "model.safetensors")
     (out / "report.json").write_text(json.dumps(report))
-    assert_one_line_error(cli("verify", out), "ONNX parity failed")
+    assert_one_line_error(cli("verify", out), "ONNX parity failed in onnxruntime")
+    assert_one_line_error(cli("verify", out, "--runtime", "openvino"), "ONNX parity failed in openvino")
 
 
 def test_verify_checks_its_arguments(tmp_path, cli):
@@ -97,6 +101,15 @@ def test_verify_checks_its_arguments(tmp_path, cli):
     assert_one_line_error(cli("verify", tmp_path / "file"), "is a file")
     assert_one_line_error(cli("verify", tmp_path, "--num-inputs", "0"), "greater than or equal to 1")
     assert_one_line_error(cli("verify", tmp_path, "--num-inputs", "10001"), "less than or equal to 10000")
+    assert_one_line_error(cli("verify", tmp_path, "--runtime", "tensorrt"), "'tensorrt' is not one of")
+
+
+def test_verify_in_a_runtime_that_is_not_installed_says_what_to_install(tmp_path, cli, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else find_spec(name, *a))
+    assert_one_line_error(cli("verify", tmp_path, "--runtime", "openvino"), 'pip install "lcnn-convert[openvino]"')
 
 
 def test_help_explains_the_main_form():

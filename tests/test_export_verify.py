@@ -85,6 +85,24 @@ def test_verify_reports_parity_and_catches_a_different_model(tmp_path, converted
     assert not mismatch.passed and "max abs diff" in mismatch.failure()
 
 
+def test_openvino_runs_the_same_file_with_the_same_gates(tmp_path, converted_resnet):
+    path = export_onnx(converted_resnet, tmp_path / "model.onnx", torch.randn(2, 3, 64, 64))
+    real = torch.randn(4, 3, 64, 64)
+    in_onnxruntime = verify_onnx(converted_resnet, path, real)
+    in_openvino = verify_onnx(converted_resnet, path, real, runtime_name="openvino")
+    assert in_openvino.passed and in_openvino.runtime == "openvino" and in_onnxruntime.runtime == "onnxruntime"
+    assert in_openvino.num_inputs == in_onnxruntime.num_inputs == 20 and in_openvino.max_abs_diff <= 1e-4
+    assert "(openvino)" in str(in_openvino)
+    other = lc.convert(randomize_batchnorms(torchvision.models.resnet18(num_classes=10), seed=5), real, beta=50.0)
+    mismatch = verify_onnx(other, path, real, runtime_name="openvino")
+    assert not mismatch.passed and mismatch.failure().startswith("ONNX parity failed in openvino: max abs diff")
+    (tmp_path / "broken.onnx").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(lc.LcnnError, match="OpenVINO cannot load"):
+        verify_onnx(converted_resnet, tmp_path / "broken.onnx", real, runtime_name="openvino")
+    with pytest.raises(lc.LcnnError, match="unknown runtime 'tvm'"):
+        verify_onnx(converted_resnet, path, real, runtime_name="tvm")
+
+
 def test_efficientnet_round_trip_from_the_issue_example(tmp_path):
     batch = torch.randn(4, 3, 64, 64)
     lcnn = lc.convert(randomize_batchnorms(timm.create_model("efficientnet_b0", num_classes=10)), example_inputs=batch)

@@ -1,0 +1,224 @@
+"""Where the default fine-tune's curvature reduction comes from, and its spread over seeds.
+
+    python benchmarks/finetune_mechanisms.py                                    # defaults, seeds 0 1 2
+    python benchmarks/finetune_mechanisms.py --mechanism held-clip --seeds 0 1
+    python benchmarks/finetune_mechanisms.py --set smoothness=0.5 --model timm:resnet18 --size 16
+
+Trains MODEL on digits with the test suite's recipe (tests/conftest.py, cached in --cache), converts
+it as the pipeline does (beta calibrated on 256 train images), fine-tunes it with
+``lcnn_convert.finetune`` (teacher: the original, BatchNorm refresh on the calibration pool) and
+prints the test accuracy, the mean normalized curvature on 128 test images and, per activation
+family, the median beta and beta x RMS of the site's input (256 test images) before and after.
+
+``--mechanism`` swaps one piece of the fine-tuning for an alternative that is *not* in the library,
+to measure what each piece does (docs/finetuning.md, "efficientnet_b0: what moves the curvature"):
+
+- ``defaults``: the library as it is.
+- ``rms-penalty``: each activation's beta term is multiplied by the RMS of the site's input in the
+  training batch (gradient included): a penalty on the dimensionless sharpness beta x RMS.
+- ``channel-clip``: each Lipschitz BN clips every channel's gain at gamma on its own,
+  min(|g_c|, gamma), instead of scaling all channels by gamma / max |g_c|.
+- ``held-clip``: each Lipschitz BN's clip factor is a parameter of its own (log, learned at the beta
+  learning rate), so running-variance updates do not move it; the gamma term is |log| of the layer's
+  Lipschitz constant.
+- ``scale-penalty``: the explicit slopes of convs and linears with no BN after them (squeeze-excite
+  convs, the head) join the gamma term as |log scale|.
+
+Run it alone: two CPU-heavy jobs slow each other down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.finetune_defaults import config_from_settings  # noqa: E402
+from lcnn_convert import finetune as finetune_stage  # noqa: E402
+from lcnn_convert.conversion.api import CalibrationData, ConvertOptions, convert_with_options  # noqa: E402
+from lcnn_convert.conversion.rules import default_rules  # noqa: E402
+from lcnn_convert.data import load_dataset  # noqa: E402
+from lcnn_convert.layers import LipschitzBatchNorm, SmoothActivation  # noqa: E402
+from lcnn_convert.layers.normalized_linear import _OperatorNormalized  # noqa: E402
+from lcnn_convert.measure import estimate_curvature, evaluate_accuracy  # noqa: E402
+from lcnn_convert.models import data_config, load_model_with_spec  # noqa: E402
+from lcnn_convert.pipeline import _examples  # noqa: E402
+from tests.conftest import DIGITS_MODELS, SILU_DIGITS_MODELS, train_on_digits  # noqa: E402
+
+MODELS = {**DIGITS_MODELS, **SILU_DIGITS_MODELS}
+CURVATURE_EXAMPLES = 128
+
+
+@contextlib.contextmanager
+def _patched(owner: object, name: str, value: object) -> Iterator[None]:
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def rms_penalty(model: nn.Module) -> Iterator[None]:
+    input_rms: dict[int, torch.Tensor] = {}
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if module.training and torch.is_grad_enabled():
+            input_rms[id(module)] = inputs[0].float().square().mean().sqrt()
+
+    def regularisers(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        zero = next(net.parameters()).new_zeros(())
+        betas, gammas = [], []
+        for module in net.modules():
+            if isinstance(module, SmoothActivation) and module.log_beta.requires_grad:
+                betas.append(module.regulariser_term() * input_rms.get(id(module), 1.0))
+            elif isinstance(module, LipschitzBatchNorm):
+                gammas.append(module.regulariser_term())
+        return (torch.stack(betas).sum() if betas else zero, torch.stack(gammas).sum() if gammas else zero)
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, SmoothActivation)]
+    try:
+        with _patched(finetune_stage, "regularisers", regularisers):
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@contextlib.contextmanager
+def channel_clip(model: nn.Module) -> Iterator[None]:
+    def clip_factor(self: LipschitzBatchNorm) -> torch.Tensor:
+        return torch.clamp(self.log_gamma.exp() / self.channel_gains().clamp_min(1e-12), max=1.0)
+
+    @contextlib.contextmanager
+    def no_hold(self: LipschitzBatchNorm) -> Iterator[None]:
+        yield  # a per-channel clip cannot be held by one gamma: the refresh recomputes it
+
+    with _patched(LipschitzBatchNorm, "clip_factor", clip_factor), _patched(LipschitzBatchNorm, "holding_clip", no_hold):
+        yield
+
+
+@contextlib.contextmanager
+def held_clip(model: nn.Module) -> Iterator[None]:
+    norms = [m for m in model.modules() if isinstance(m, LipschitzBatchNorm)]
+    for norm in norms:
+        # named *log_beta so that the library's optimizer gives it the beta learning rate
+        norm.register_parameter("clip_log_beta", nn.Parameter(norm.clip_factor().detach().log()))
+        norm.log_gamma.requires_grad_(False)
+
+    def clip_factor(self: LipschitzBatchNorm) -> torch.Tensor:
+        return self.clip_log_beta.exp()
+
+    def lipschitz_term(self: LipschitzBatchNorm) -> torch.Tensor:
+        return (self.clip_log_beta + self.channel_gains().max().clamp_min(1e-12).log().detach()).abs()
+
+    with _patched(LipschitzBatchNorm, "clip_factor", clip_factor), \
+            _patched(LipschitzBatchNorm, "regulariser_term", lipschitz_term):  # fmt: skip
+        yield
+
+
+@contextlib.contextmanager
+def scale_penalty(model: nn.Module) -> Iterator[None]:
+    library = finetune_stage.regularisers
+    scales = [m.scale for m in model.modules() if isinstance(m, _OperatorNormalized) and m.scale is not None]
+
+    def regularisers(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        betas, gammas = library(net)
+        return betas, gammas + torch.stack([scale.abs().log().abs() for scale in scales]).sum()
+
+    with _patched(finetune_stage, "regularisers", regularisers):
+        yield
+
+
+MECHANISMS: dict[str, Callable[[nn.Module], contextlib.AbstractContextManager[None]]] = {
+    "defaults": lambda model: contextlib.nullcontext(),
+    "rms-penalty": rms_penalty,
+    "channel-clip": channel_clip,
+    "held-clip": held_clip,
+    "scale-penalty": scale_penalty,
+}
+
+
+def sharpness(model: nn.Module, images: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """Per activation family: median beta and median beta x RMS of the site's input."""
+    rms: dict[str, float] = {}
+    sites = {name: m for name, m in model.named_modules() if isinstance(m, SmoothActivation)}
+    hooks = [
+        module.register_forward_hook(lambda m, i, o, name=name: rms.__setitem__(name, float(i[0].square().mean().sqrt())))
+        for name, module in sites.items()
+    ]
+    with torch.no_grad():
+        model.eval()(images)
+    for hook in hooks:
+        hook.remove()
+    families: dict[str, list[tuple[float, float]]] = {}
+    for name, module in sites.items():
+        beta = module.frozen_beta()
+        families.setdefault(module.label, []).append((beta, beta * rms[name]))
+    return {label: tuple(float(np.median(column)) for column in zip(*values)) for label, values in families.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="timm:efficientnet_b0", choices=list(MODELS))
+    parser.add_argument("--size", type=int, default=None, help="image size (default: the tests' for MODEL)")
+    parser.add_argument("--mechanism", default="defaults", choices=list(MECHANISMS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--activation", default="centered_softplus", choices=("centered_softplus", "swish"))
+    parser.add_argument("--cache", type=Path, default=Path("runs/defaults"))
+    args = parser.parse_args()
+    size, epochs = MODELS[args.model]
+    size = args.size or size
+    args.cache.mkdir(parents=True, exist_ok=True)
+    weights = args.cache / f"{args.model.replace(':', '_')}.pth"
+    if not weights.is_file():
+        train_on_digits(args.model, size, epochs, args.cache)
+    torch.manual_seed(0)
+    original, spec = load_model_with_spec(args.model, False, weights, 10)
+    original.eval()
+    splits = load_dataset("digits", None, data_config(original, spec), size)
+    calibration, _ = _examples(splits.calibration_pool, 256, 0)
+    held_out, _ = _examples(splits.test, 360, 1)
+    accuracy = evaluate_accuracy(original, splits.test)
+    curvature = estimate_curvature(original, splits.test, max_examples=CURVATURE_EXAMPLES).curvature_mean
+    print(f"{args.model} {size}px, {args.mechanism}, {' '.join(args.set) or 'default settings'}, {args.activation}: "
+          f"original {accuracy:.2%}, mean curvature {curvature:.3f}")  # fmt: skip
+    print("| seed | accuracy | curvature | per family: median β, β × input RMS (before → after) |")
+    print("|---:|---:|---:|---|")
+    for seed in args.seeds:
+        torch.manual_seed(0)
+        options = ConvertOptions(beta="auto", rules=default_rules(args.activation), input_size=(3, size, size), seed=0)
+        data = CalibrationData((calibration,), (held_out,), "digits train", held_out_source="digits test")
+        converted = convert_with_options(original, data, options)
+        before = sharpness(converted, held_out[:256])
+        config = config_from_settings([*args.set, f"seed={seed}"])
+        with MECHANISMS[args.mechanism](converted):
+            finetune_stage.finetune(
+                converted, splits.train, splits.test, config, console=Console(stderr=True, quiet=True),
+                teacher=original, statistics_data=splits.calibration_pool,
+            )  # fmt: skip
+            tuned_accuracy = evaluate_accuracy(converted, splits.test)
+            tuned = estimate_curvature(converted, splits.test, max_examples=CURVATURE_EXAMPLES).curvature_mean
+            after = sharpness(converted, held_out[:256])
+        families = "; ".join(
+            f"{label} β {before[label][0]:.2f} → {after[label][0]:.2f}, β×RMS {before[label][1]:.2f} → {after[label][1]:.2f}"
+            for label in before
+        )
+        print(f"| {seed} | {tuned_accuracy:.2%} ({100 * (tuned_accuracy - accuracy):+.2f} pt) | ÷{curvature / tuned:.1f} "
+              f"| {families} |", flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
