@@ -64,8 +64,9 @@ def check_softplus() -> None:
         inputs = x.clone().to(device).requires_grad_(True)
         layer(inputs).square().sum().backward()
         results.append((layer(inputs).detach().cpu(), inputs.grad.cpu(), layer.log_beta.grad.cpu()))
-    check("centered softplus: values and gradients match float64 CPU", all(
-        torch.allclose(a, b) for a, b in zip(*results)))  # fmt: skip
+    check(
+        "centered softplus: values and gradients match float64 CPU", all(torch.allclose(a, b) for a, b in zip(*results))
+    )
     layer = CenteredSoftplus(beta=3.0).double().to(DEVICE)
     probe = torch.randn(2, 3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
     check("centered softplus: gradgradcheck", torch.autograd.gradgradcheck(layer, (probe,)))
@@ -93,11 +94,20 @@ def check_converted_model() -> None:
     fast = estimate_curvature(on_device, data).curvature_mean
     plain = estimate_curvature(on_device, data, input_only_products=False).curvature_mean
     agree = abs(fast - cpu) <= 1e-3 * cpu and abs(plain - fast) <= 1e-3 * fast
-    check("curvature on the device matches the CPU, with and without stand-ins", agree, f"{cpu:.5g} {fast:.5g} {plain:.5g}")
-    reference = median_seconds(lambda: estimate_curvature(on_device, data, iterations=10, method="power", input_only_products=False), 3)
+    check(
+        "curvature on the device matches the CPU, with and without stand-ins",
+        agree,
+        f"{cpu:.5g} {fast:.5g} {plain:.5g}",
+    )
+    reference = median_seconds(
+        lambda: estimate_curvature(on_device, data, iterations=10, method="power", input_only_products=False), 3
+    )
     default = median_seconds(lambda: estimate_curvature(on_device, data), 3)
-    print(f"INFO curvature estimator: reference {reference * 1e3:.0f} ms, default {default * 1e3:.0f} ms, "
-          f"speed-up {reference / default:.2f}x", flush=True)  # fmt: skip
+    print(
+        f"INFO curvature estimator: reference {reference * 1e3:.0f} ms, default {default * 1e3:.0f} ms, "
+        f"speed-up {reference / default:.2f}x",
+        flush=True,
+    )
 
 
 def check_training_steps(batch: int, size: int, reps: int) -> None:
@@ -127,10 +137,15 @@ def check_training_steps(batch: int, size: int, reps: int) -> None:
             lcnn_optimizer.step()
             return loss.detach()
 
-        check(f"training step b{batch}@{size}, grad-norm penalty {lambda_grad}: finite loss", bool(torch.isfinite(lcnn())))
+        check(
+            f"training step b{batch}@{size}, grad-norm penalty {lambda_grad}: finite loss", bool(torch.isfinite(lcnn()))
+        )
         plain_time, lcnn_time = median_seconds(plain, reps), median_seconds(lcnn, reps)
-        print(f"INFO training step b{batch}@{size}, penalty {lambda_grad}: plain {plain_time * 1e3:.1f} ms, "
-              f"LCNN {lcnn_time * 1e3:.1f} ms, ratio {lcnn_time / plain_time:.2f}", flush=True)  # fmt: skip
+        print(
+            f"INFO training step b{batch}@{size}, penalty {lambda_grad}: plain {plain_time * 1e3:.1f} ms, "
+            f"LCNN {lcnn_time * 1e3:.1f} ms, ratio {lcnn_time / plain_time:.2f}",
+            flush=True,
+        )
 
 
 def main() -> int:

@@ -38,8 +38,10 @@ def config_from_settings(settings: list[str]) -> FinetuneConfig:
         name, _, text = setting.partition("=")
         if name not in types:
             raise SystemExit(f"--set {setting}: FinetuneConfig has no field {name!r} ({', '.join(types)})")
-        values[name] = text.lower() in ("1", "true", "yes") if "bool" in str(types[name]) else (
-            int(text) if "int" in str(types[name]) and "." not in text else float(text)
+        values[name] = (
+            text.lower() in ("1", "true", "yes")
+            if "bool" in str(types[name])
+            else (int(text) if "int" in str(types[name]) and "." not in text else float(text))
         )
     return FinetuneConfig(**values)
 
@@ -63,9 +65,15 @@ def main() -> int:
             train_on_digits(name, size, epochs, args.cache)
         with tempfile.TemporaryDirectory() as out:
             job = ConversionJob(
-                model=name, weights=weights, num_classes=10, image_size=size, finetune="digits",
-                output=Path(out) / "run", training=config_from_settings(args.set), activation=args.activation,
-            )  # fmt: skip
+                model=name,
+                weights=weights,
+                num_classes=10,
+                image_size=size,
+                finetune="digits",
+                output=Path(out) / "run",
+                training=config_from_settings(args.set),
+                activation=args.activation,
+            )
             report = run_conversion(job, quiet)
         original, finetuned = report.metrics["original"], report.metrics["finetuned"]
         drop = 100 * (finetuned["accuracy"] - original["accuracy"])

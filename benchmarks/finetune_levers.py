@@ -89,7 +89,9 @@ def finetune_variant(original, splits, calibration: torch.Tensor, variant: Varia
     model = lc.convert(original, calibration)
     sites = [m for m in model.modules() if isinstance(m, CenteredSoftplus)]
     start = [float(m.log_beta.detach()) for m in sites]
-    loader = DataLoader(splits.train, batch_size=variant.batch, shuffle=True, generator=torch.Generator().manual_seed(1))
+    loader = DataLoader(
+        splits.train, batch_size=variant.batch, shuffle=True, generator=torch.Generator().manual_seed(1)
+    )
     total = epochs * len(loader)
     log_betas = {id(m.log_beta) for m in sites}
     others = [p for p in model.parameters() if id(p) not in log_betas and p.requires_grad]
@@ -147,8 +149,11 @@ def main() -> None:
         model, beta, beta_start = finetune_variant(original, splits, calibration, VARIANTS[name])
         tuned = evaluate_accuracy(model, splits.test)
         tuned_curvature = estimate_curvature(model, splits.test, max_examples=CURVATURE_EXAMPLES).curvature_mean
-        print(f"| {name} | {tuned:.2%} | {(tuned - accuracy) * 100:+.2f} pt | ÷{curvature / tuned_curvature:.1f} | "
-              f"{beta:.3g} ({beta_start:.3g}) | {time.perf_counter() - started:.0f} |", flush=True)
+        print(
+            f"| {name} | {tuned:.2%} | {(tuned - accuracy) * 100:+.2f} pt | ÷{curvature / tuned_curvature:.1f} | "
+            f"{beta:.3g} ({beta_start:.3g}) | {time.perf_counter() - started:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -104,7 +104,10 @@ def channel_clip(model: nn.Module) -> Iterator[None]:
     def no_hold(self: LipschitzBatchNorm) -> Iterator[None]:
         yield  # a per-channel clip cannot be held by one gamma: the refresh recomputes it
 
-    with _patched(LipschitzBatchNorm, "clip_factor", clip_factor), _patched(LipschitzBatchNorm, "holding_clip", no_hold):
+    with (
+        _patched(LipschitzBatchNorm, "clip_factor", clip_factor),
+        _patched(LipschitzBatchNorm, "holding_clip", no_hold),
+    ):
         yield
 
 
@@ -122,8 +125,10 @@ def held_clip(model: nn.Module) -> Iterator[None]:
     def lipschitz_term(self: LipschitzBatchNorm) -> torch.Tensor:
         return (self.clip_log_beta + self.channel_gains().max().clamp_min(1e-12).log().detach()).abs()
 
-    with _patched(LipschitzBatchNorm, "clip_factor", clip_factor), \
-            _patched(LipschitzBatchNorm, "regulariser_term", lipschitz_term):  # fmt: skip
+    with (
+        _patched(LipschitzBatchNorm, "clip_factor", clip_factor),
+        _patched(LipschitzBatchNorm, "regulariser_term", lipschitz_term),
+    ):
         yield
 
 
@@ -154,7 +159,9 @@ def sharpness(model: nn.Module, images: torch.Tensor) -> dict[str, tuple[float, 
     rms: dict[str, float] = {}
     sites = {name: m for name, m in model.named_modules() if isinstance(m, SmoothActivation)}
     hooks = [
-        module.register_forward_hook(lambda m, i, o, name=name: rms.__setitem__(name, float(i[0].square().mean().sqrt())))
+        module.register_forward_hook(
+            lambda m, i, o, name=name: rms.__setitem__(name, float(i[0].square().mean().sqrt()))
+        )
         for name, module in sites.items()
     ]
     with torch.no_grad():
@@ -192,8 +199,10 @@ def main() -> int:
     held_out, _ = _examples(splits.test, 360, 1)
     accuracy = evaluate_accuracy(original, splits.test)
     curvature = estimate_curvature(original, splits.test, max_examples=CURVATURE_EXAMPLES).curvature_mean
-    print(f"{args.model} {size}px, {args.mechanism}, {' '.join(args.set) or 'default settings'}, {args.activation}: "
-          f"original {accuracy:.2%}, mean curvature {curvature:.3f}")  # fmt: skip
+    print(
+        f"{args.model} {size}px, {args.mechanism}, {' '.join(args.set) or 'default settings'}, {args.activation}: "
+        f"original {accuracy:.2%}, mean curvature {curvature:.3f}"
+    )
     print("| seed | accuracy | curvature | per family: median β, β × input RMS (before → after) |")
     print("|---:|---:|---:|---|")
     for seed in args.seeds:
@@ -205,9 +214,14 @@ def main() -> int:
         config = config_from_settings([*args.set, f"seed={seed}"])
         with MECHANISMS[args.mechanism](converted):
             finetune_stage.finetune(
-                converted, splits.train, splits.test, config, console=Console(stderr=True, quiet=True),
-                teacher=original, statistics_data=splits.calibration_pool,
-            )  # fmt: skip
+                converted,
+                splits.train,
+                splits.test,
+                config,
+                console=Console(stderr=True, quiet=True),
+                teacher=original,
+                statistics_data=splits.calibration_pool,
+            )
             tuned_accuracy = evaluate_accuracy(converted, splits.test)
             tuned = estimate_curvature(converted, splits.test, max_examples=CURVATURE_EXAMPLES).curvature_mean
             after = sharpness(converted, held_out[:256])
@@ -215,8 +229,11 @@ def main() -> int:
             f"{label} β {before[label][0]:.2f} → {after[label][0]:.2f}, β×RMS {before[label][1]:.2f} → {after[label][1]:.2f}"
             for label in before
         )
-        print(f"| {seed} | {tuned_accuracy:.2%} ({100 * (tuned_accuracy - accuracy):+.2f} pt) | ÷{curvature / tuned:.1f} "
-              f"| {families} |", flush=True)  # fmt: skip
+        print(
+            f"| {seed} | {tuned_accuracy:.2%} ({100 * (tuned_accuracy - accuracy):+.2f} pt) | ÷{curvature / tuned:.1f} "
+            f"| {families} |",
+            flush=True,
+        )
     return 0
 
 

@@ -74,7 +74,9 @@ def random_model(name: str, size: int, num_classes: int = 1000) -> nn.Module:
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     # untrained BN statistics blow deep random nets up in eval mode: estimate them on random images
     images = torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(0))
-    lc.recalibrate_batchnorm(model, torch.utils.data.TensorDataset(images, torch.zeros(16, dtype=torch.long)), batches=2, batch_size=8)
+    lc.recalibrate_batchnorm(
+        model, torch.utils.data.TensorDataset(images, torch.zeros(16, dtype=torch.long)), batches=2, batch_size=8
+    )
     return model.eval()
 
 
@@ -142,9 +144,14 @@ def latency_row(case: str, original, converted: nn.Module, path: Path, example, 
     lcnn = quiet_session(path)
     base, cand = alternate(lambda: original.run(None, feed), lambda: lcnn.run(None, feed), reps)
     row = Row(
-        "onnx latency", case, median_ratio(cand, base), "≤ 1.10×", ms(base), ms(cand),
+        "onnx latency",
+        case,
+        median_ratio(cand, base),
+        "≤ 1.10×",
+        ms(base),
+        ms(cand),
         f"parity {'passed' if parity.passed else 'FAILED'}, max abs diff {parity.max_abs_diff:.1e}",
-    )  # fmt: skip
+    )
     print(row, file=sys.stderr)
     return row
 
@@ -209,11 +216,17 @@ def bench_openvino(reps: int) -> list[Row]:
                 parity = lc.verify_onnx(converted, path, example, num_random=4, runtime_name="openvino")
                 lcnn = openvino_model(path)
                 base, cand = alternate(lambda: original(images), lambda: lcnn(images), reps)
-                rows.append(Row(
-                    "openvino latency", f"{name} b{batch}@{size}, {activation.replace('_', ' ')}",
-                    median_ratio(cand, base), "—", ms(base), ms(cand),
-                    f"OpenVINO parity {'passed' if parity.passed else 'FAILED'}, max abs diff {parity.max_abs_diff:.1e}",
-                ))  # fmt: skip
+                rows.append(
+                    Row(
+                        "openvino latency",
+                        f"{name} b{batch}@{size}, {activation.replace('_', ' ')}",
+                        median_ratio(cand, base),
+                        "—",
+                        ms(base),
+                        ms(cand),
+                        f"OpenVINO parity {'passed' if parity.passed else 'FAILED'}, max abs diff {parity.max_abs_diff:.1e}",
+                    )
+                )
                 print(rows[-1], file=sys.stderr)
     return rows
 
@@ -226,10 +239,21 @@ ACTIVATION_FORMS: dict[str, list[tuple[str, list[str]]]] = {
     "Softplus op (shift folded)": [("Softplus", ["x"])],
     "Log(1 + Exp(t)) (shift folded; inf for t > 88)": [("Exp", ["x"]), ("Add", ["0", "one"]), ("Log", ["1"])],
     "Relu(t) − Log(Sigmoid(|t|)) (shift folded)": [
-        ("Relu", ["x"]), ("Abs", ["x"]), ("Sigmoid", ["1"]), ("Log", ["2"]), ("Sub", ["0", "3"])],
+        ("Relu", ["x"]),
+        ("Abs", ["x"]),
+        ("Sigmoid", ["1"]),
+        ("Log", ["2"]),
+        ("Sub", ["0", "3"]),
+    ],
     "Relu(t) − (Log(Sigmoid(|t|)) + log 2)": [
-        ("Relu", ["x"]), ("Abs", ["x"]), ("Sigmoid", ["1"]), ("Log", ["2"]), ("Add", ["3", "log2"]), ("Sub", ["0", "4"])],
-}  # fmt: skip
+        ("Relu", ["x"]),
+        ("Abs", ["x"]),
+        ("Sigmoid", ["1"]),
+        ("Log", ["2"]),
+        ("Add", ["3", "log2"]),
+        ("Sub", ["0", "4"]),
+    ],
+}
 
 
 def splice_activation(model, form: list[tuple[str, list[str]]]):
@@ -273,8 +297,17 @@ def bench_onnx_forms(reps: int) -> list[Row]:
                 onnx.save(splice_activation(onnx.load(str(path)), ops), str(spliced))
                 candidate = quiet_session(spliced)
                 base, cand = alternate(lambda: original.run(None, feed), lambda: candidate.run(None, feed), reps)
-                rows.append(Row("onnx activation form", f"{name} b{batch}@{size}, {form}", median_ratio(cand, base),
-                                "—", ms(base), ms(cand), "ReLU original with this form in place of each Relu"))  # fmt: skip
+                rows.append(
+                    Row(
+                        "onnx activation form",
+                        f"{name} b{batch}@{size}, {form}",
+                        median_ratio(cand, base),
+                        "—",
+                        ms(base),
+                        ms(cand),
+                        "ReLU original with this form in place of each Relu",
+                    )
+                )
                 print(rows[-1], file=sys.stderr)
     return rows
 
@@ -363,8 +396,17 @@ def bench_memory(reps: int) -> list[Row]:
         base, cand = peak_step_memory("plain", lambda_grad), peak_step_memory("lcnn", lambda_grad)
         case = "resnet18 b128@32 training step" + (", + gradient-norm penalty" if lambda_grad else "")
         goal = "—" if lambda_grad else "≤ 1.30×"  # the goal is for default fine-tuning (no penalty)
-        rows.append(Row("peak memory", case, cand / base, goal, f"{base / 2**20:.0f} MiB", f"{cand / 2**20:.0f} MiB",
-                        "resident size above the pre-step level, one process per figure"))  # fmt: skip
+        rows.append(
+            Row(
+                "peak memory",
+                case,
+                cand / base,
+                goal,
+                f"{base / 2**20:.0f} MiB",
+                f"{cand / 2**20:.0f} MiB",
+                "resident size above the pre-step level, one process per figure",
+            )
+        )
         print(rows[-1], file=sys.stderr)
     return rows
 
@@ -380,7 +422,9 @@ CURVATURE_CANDIDATES = {
 def bench_curvature(reps: int) -> list[Row]:
     model = lc.convert(random_model("resnet18", 32, num_classes=10), torch.randn(8, 3, 32, 32), beta=BETA).eval()
     generator = torch.Generator().manual_seed(3)
-    data = torch.utils.data.TensorDataset(torch.randn(32, 3, 32, 32, generator=generator), torch.randint(0, 10, (32,), generator=generator))
+    data = torch.utils.data.TensorDataset(
+        torch.randn(32, 3, 32, 32, generator=generator), torch.randint(0, 10, (32,), generator=generator)
+    )
     # The reference method: 10 power steps, plain reverse over reverse through the model's own layers.
     reference = lambda: estimate_curvature(model, data, iterations=10, method="power", input_only_products=False)  # noqa: E731
     reference_mean = reference().curvature_mean
@@ -390,10 +434,21 @@ def bench_curvature(reps: int) -> list[Row]:
         candidate = lambda: estimate_curvature(model, data, **options)  # noqa: E731
         mean = candidate().curvature_mean
         base, cand = alternate(reference, candidate, reps, warmup=1)
-        detail = (f"mean curvature {mean:.4g} vs {reference_mean:.4g} ({(mean - reference_mean) / reference_mean:+.1%}); "
-                  f"converged (30 Lanczos steps) {converged_mean:.4g}")  # fmt: skip
-        rows.append(Row("curvature estimator", f"resnet18 LCNN, 32 images @32: {name} vs 10 power steps",
-                        median_ratio(base, cand), goal, ms(base), ms(cand), detail))  # fmt: skip
+        detail = (
+            f"mean curvature {mean:.4g} vs {reference_mean:.4g} ({(mean - reference_mean) / reference_mean:+.1%}); "
+            f"converged (30 Lanczos steps) {converged_mean:.4g}"
+        )
+        rows.append(
+            Row(
+                "curvature estimator",
+                f"resnet18 LCNN, 32 images @32: {name} vs 10 power steps",
+                median_ratio(base, cand),
+                goal,
+                ms(base),
+                ms(cand),
+                detail,
+            )
+        )
         print(rows[-1], file=sys.stderr)
     return rows
 
@@ -410,8 +465,16 @@ def bench_convert(reps: int) -> list[Row]:
                 model(image)
 
         forwards, converts = alternate(forward, lambda: lc.convert(model, example, beta="auto"), reps, warmup=1)
-        rows.append(Row("convert()", f"{name}, β calibrated on 8 images @224", median_ratio(converts, forwards),
-                        "≤ 20×", f"forward b1 {ms(forwards)}", f"convert {statistics.median(converts):.2f} s"))  # fmt: skip
+        rows.append(
+            Row(
+                "convert()",
+                f"{name}, β calibrated on 8 images @224",
+                median_ratio(converts, forwards),
+                "≤ 20×",
+                f"forward b1 {ms(forwards)}",
+                f"convert {statistics.median(converts):.2f} s",
+            )
+        )
         print(rows[-1], file=sys.stderr)
     return rows
 

@@ -62,10 +62,7 @@ def summary(results: list[ZooResult]) -> str:
         return f"{ok}/{len(chosen)} ok" if chosen else "none run"
 
     total = sum(r.seconds for r in results)
-    return (
-        f"torchvision: {counts('torchvision:')}; timm: {counts('timm:')}; "
-        f"{total / 60:.1f} min of model time"
-    )
+    return f"torchvision: {counts('torchvision:')}; timm: {counts('timm:')}; {total / 60:.1f} min of model time"
 
 
 def render(results: list[ZooResult]) -> str:
@@ -109,7 +106,9 @@ def activations_left(results: list[ZooResult]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="model names (torchvision:NAME / timm:NAME); default all")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model (regnet_y_128gf takes ~370 s here)")
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds per model (regnet_y_128gf takes ~370 s here)"
+    )
     parser.add_argument("--output", default=str(ROOT / "docs" / "zoo.md"), help="markdown file, or - for stdout")
     parser.add_argument("--json", default=None, help="append one JSON line per model here")
     parser.add_argument("--rerun-failed", default=None, help="a --json file: rerun its failures, keep the rest")

@@ -69,11 +69,23 @@ def main() -> int:
     torch.save(model.state_dict(), weights)
 
     output = args.out / f"{name}_lcnn"
-    code = lcnn_convert_main([
-        args.model, "--weights", str(weights), "--num-classes", "10", "--finetune", "digits",
-        "--output", str(output), "--overwrite", "--seed", str(args.seed),
-        *args.lcnn_args,
-    ])  # fmt: skip
+    code = lcnn_convert_main(
+        [
+            args.model,
+            "--weights",
+            str(weights),
+            "--num-classes",
+            "10",
+            "--finetune",
+            "digits",
+            "--output",
+            str(output),
+            "--overwrite",
+            "--seed",
+            str(args.seed),
+            *args.lcnn_args,
+        ]
+    )
     if code != 0:
         return code
     report = json.loads((output / "report.json").read_text())

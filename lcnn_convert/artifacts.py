@@ -38,9 +38,17 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 # The default rules when format 1 was written: ReLU and softplus only (SiLU, GELU, ... were left).
 FORMAT_1_RULES = (
-    "relu-module", "relu-function", "relu-method", "softplus-module", "softplus-function",
-    "batchnorm-act", "frozen-batchnorm-act", "batchnorm", "frozen-batchnorm", "batchnorm-function",
-)  # fmt: skip
+    "relu-module",
+    "relu-function",
+    "relu-method",
+    "softplus-module",
+    "softplus-function",
+    "batchnorm-act",
+    "frozen-batchnorm-act",
+    "batchnorm",
+    "frozen-batchnorm",
+    "batchnorm-function",
+)
 
 
 def save(
@@ -128,7 +136,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     try:
         metadata = json.loads(raw)
     except ValueError as error:
-        raise LcnnError(f"{path}: its '{METADATA_KEY}' metadata is damaged (not JSON: {first_line(error, 80)})") from error
+        raise LcnnError(
+            f"{path}: its '{METADATA_KEY}' metadata is damaged (not JSON: {first_line(error, 80)})"
+        ) from error
     if not isinstance(metadata, dict):
         raise LcnnError(f"{path}: its '{METADATA_KEY}' metadata is damaged (not a JSON object)")
     written = metadata.get("format")
@@ -140,11 +150,18 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         )
     if written == 1:
         metadata = {**metadata, "rules": list(FORMAT_1_RULES), "lcnn_convert_version": None}
-    expected = {"source": str, "name": str, "num_classes": (int, type(None)), "replace_activations": bool,
-                "rules": list}  # fmt: skip
+    expected = {
+        "source": str,
+        "name": str,
+        "num_classes": (int, type(None)),
+        "replace_activations": bool,
+        "rules": list,
+    }
     for key, kinds in expected.items():
         if not isinstance(metadata.get(key), kinds):
-            raise LcnnError(f"{path}: its '{METADATA_KEY}' metadata is damaged ('{key}' is missing or of the wrong type)")
+            raise LcnnError(
+                f"{path}: its '{METADATA_KEY}' metadata is damaged ('{key}' is missing or of the wrong type)"
+            )
     return metadata
 
 
@@ -185,8 +202,9 @@ def load_converted(path: str | Path, rules: Sequence[ReplacementRule] | None = N
     original, _ = load_model_with_spec(
         f"{metadata['source']}:{metadata['name']}", pretrained=False, num_classes=metadata["num_classes"]
     )
-    options = ConvertOptions(beta=1.0, replace_activations=metadata["replace_activations"], estimate_norms=False,
-                             rules=used)  # fmt: skip
+    options = ConvertOptions(
+        beta=1.0, replace_activations=metadata["replace_activations"], estimate_norms=False, rules=used
+    )
     model = convert_with_options(original, None, options)
     try:
         missing, unexpected = load_safetensors_into(model, str(weights), strict=False)

@@ -26,9 +26,7 @@ def _running_stat_norms(model: nn.Module) -> list[nn.Module]:
 def has_untrained_batchnorm(model: nn.Module) -> bool:
     """True when every BatchNorm still has its initial running statistics (mean 0, variance 1)."""
     norms = _running_stat_norms(model)
-    return bool(norms) and all(
-        not bool(m.running_mean.any()) and bool((m.running_var == 1).all()) for m in norms
-    )
+    return bool(norms) and all(not bool(m.running_mean.any()) and bool((m.running_var == 1).all()) for m in norms)
 
 
 MIN_STATISTICS_BATCH = 16
@@ -53,8 +51,9 @@ def recalibrate_batchnorm(
     generator = torch.Generator().manual_seed(seed)
     # Batch statistics need more than one value per channel, and a handful of images to mean much.
     batch_size = max(batch_size, MIN_STATISTICS_BATCH)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator,
-                        drop_last=len(data) % batch_size == 1)  # fmt: skip
+    loader = DataLoader(
+        data, batch_size=batch_size, shuffle=True, generator=generator, drop_last=len(data) % batch_size == 1
+    )
     used = 0
     model.eval()
     with ExitStack() as stack, torch.random.fork_rng(devices=[]), torch.no_grad():

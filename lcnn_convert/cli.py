@@ -354,18 +354,48 @@ def convert_command(
         from .report import print_report
 
     training = FinetuneConfig(
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, beta_lr=beta_lr, optimizer=optimizer.value,
-        schedule=schedule.value, weight_decay=weight_decay, smoothness=smoothness, lambda_gamma=lambda_gamma,
-        lambda_grad=grad_norm, distill=distill, refresh_batchnorm=refresh_bn,
-    )  # fmt: skip
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        lr=lr,
+        beta_lr=beta_lr,
+        optimizer=optimizer.value,
+        schedule=schedule.value,
+        weight_decay=weight_decay,
+        smoothness=smoothness,
+        lambda_gamma=lambda_gamma,
+        lambda_grad=grad_norm,
+        distill=distill,
+        refresh_batchnorm=refresh_bn,
+    )
     job = ConversionJob(
-        model=model, weights=weights, pretrained=pretrained, num_classes=num_classes, beta=parse_beta(beta),
-        activation=activation.value.replace("-", "_"), image_size=image_size, output=output, overwrite=overwrite, opset=opset, device=device.value, atol=atol,
+        model=model,
+        weights=weights,
+        pretrained=pretrained,
+        num_classes=num_classes,
+        beta=parse_beta(beta),
+        activation=activation.value.replace("-", "_"),
+        image_size=image_size,
+        output=output,
+        overwrite=overwrite,
+        opset=opset,
+        device=device.value,
+        atol=atol,
         seed=seed,
-        finetune=finetune, evaluate=evaluate, calibrate=calibrate, calibration_examples=calibration_examples,
-        min_agreement=min_agreement, logit_tolerance=logit_tolerance, mean=mean, std=std, interpolation=interpolation,
-        data_dir=data_dir, resume=resume, eval_examples=eval_examples, training=training,
-    )  # fmt: skip
+        finetune=finetune,
+        evaluate=evaluate,
+        calibrate=calibrate,
+        calibration_examples=calibration_examples,
+        min_agreement=min_agreement,
+        logit_tolerance=logit_tolerance,
+        mean=mean,
+        std=std,
+        interpolation=interpolation,
+        data_dir=data_dir,
+        resume=resume,
+        eval_examples=eval_examples,
+        training=training,
+    )
     with _interruptible():
         report = run_conversion(job)
     if report is None:  # another rank than 0 under torchrun: rank 0 writes and prints everything
@@ -451,8 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         if result == 130:
             # typer turns a KeyboardInterrupt outside our commands' bodies (while parsing) into exit code 130
             terminated = signal.SIGTERM in _signals_received
-            print(f"{'terminated (SIGTERM)' if terminated else 'interrupted (Ctrl-C)'} before anything was written",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"{'terminated (SIGTERM)' if terminated else 'interrupted (Ctrl-C)'} before anything was written",
+                file=sys.stderr,
+            )
             return 143 if terminated else 130
     except Interrupted as error:
         print(f"{_rank_prefix()}{error}", file=sys.stderr)
@@ -471,8 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         # Resource exhaustion can strike anywhere; the run's own cleanup has already run.
         if _is_out_of_memory(error):
-            print(f"error: {_rank_prefix()}out of memory ({first_line(error, 160)}); try a smaller --image-size, "
-                  "--batch-size or --eval-examples", file=sys.stderr)  # fmt: skip
+            print(
+                f"error: {_rank_prefix()}out of memory ({first_line(error, 160)}); try a smaller --image-size, "
+                "--batch-size or --eval-examples",
+                file=sys.stderr,
+            )
             return 1
         full = out_of_space(error)
         if full is not None:

@@ -296,14 +296,16 @@ def read_image(path: str) -> Image.Image:
     return image.convert("RGB")
 
 
-def _image_files(directory: str, class_to_idx: dict[str, int], extensions=None, is_valid_file=None,
-                 allow_empty: bool = False) -> list[tuple[str, int]]:  # fmt: skip
+def _image_files(
+    directory: str, class_to_idx: dict[str, int], extensions=None, is_valid_file=None, allow_empty: bool = False
+) -> list[tuple[str, int]]:
     """ImageFolder's listing, following symlinked folders but never one already visited (a link to an
     ancestor would otherwise list a class again and again)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
     extensions = IMG_EXTENSIONS if extensions is None and is_valid_file is None else extensions
     if is_valid_file is None:
+
         def is_valid_file(path: str) -> bool:
             return has_file_allowed_extension(path, extensions)
 
@@ -317,8 +319,11 @@ def _image_files(directory: str, class_to_idx: dict[str, int], extensions=None, 
                 continue
             seen.add((status.st_dev, status.st_ino))
             folders.sort()
-            samples += [(os.path.join(root, name), class_to_idx[class_name]) for name in sorted(files)
-                        if is_valid_file(os.path.join(root, name))]  # fmt: skip
+            samples += [
+                (os.path.join(root, name), class_to_idx[class_name])
+                for name in sorted(files)
+                if is_valid_file(os.path.join(root, name))
+            ]
     if not samples and not allow_empty:
         raise FileNotFoundError(f"no valid image files in {directory}")
     return samples
@@ -344,7 +349,9 @@ def _splits(
     train_unaugmented: Dataset | None = None,
 ) -> DatasetSplits:
     if len(classes) < 2:
-        raise LcnnError(f"dataset {name} has {len(classes)} class ({', '.join(classes)}): a classifier needs at least 2")
+        raise LcnnError(
+            f"dataset {name} has {len(classes)} class ({', '.join(classes)}): a classifier needs at least 2"
+        )
     return DatasetSplits(
         name=name,
         train=_ReadChecked(train, "train"),
@@ -469,7 +476,9 @@ def _load_cifar(layout: _CifarLayout, root: Path, preprocessing: _Preprocessing,
     train_images = np.concatenate([images for images, _ in train_batches])
     train_labels = np.concatenate([labels for _, labels in train_batches])
     plain = _pil_transform(preprocessing, NATIVE_SIZE, False, False)
-    train = _ArrayImageDataset(train_images, train_labels, _pil_transform(preprocessing, NATIVE_SIZE, crop=True, flip=True))
+    train = _ArrayImageDataset(
+        train_images, train_labels, _pil_transform(preprocessing, NATIVE_SIZE, crop=True, flip=True)
+    )
     test = _ArrayImageDataset(test_images, test_labels, plain)
     return _splits(
         layout.name, train, test, classes, preprocessing, _ArrayImageDataset(train_images, train_labels, plain)

@@ -36,7 +36,9 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 def check_opset(opset: int) -> None:
     if not DEFAULT_OPSET <= opset <= MAX_OPSET:
-        raise LcnnError(f"opset must lie in [{DEFAULT_OPSET}, {MAX_OPSET}] (what torch.onnx writes and onnxruntime runs), got {opset}")
+        raise LcnnError(
+            f"opset must lie in [{DEFAULT_OPSET}, {MAX_OPSET}] (what torch.onnx writes and onnxruntime runs), got {opset}"
+        )
 
 
 def written_opset(model: onnx.ModelProto | str | Path) -> int:
@@ -59,7 +61,9 @@ def needs_external_data(model: nn.Module) -> bool:
 
 def check_standard_ops(model: onnx.ModelProto) -> None:
     """Raise if any node lives outside the default ONNX domain (it would not run everywhere)."""
-    custom = sorted({f"{node.domain}::{node.op_type}" for node in model.graph.node if node.domain not in STANDARD_DOMAINS})
+    custom = sorted(
+        {f"{node.domain}::{node.op_type}" for node in model.graph.node if node.domain not in STANDARD_DOMAINS}
+    )
     if custom:
         raise LcnnError(f"ONNX export used non-standard ops: {', '.join(custom)}")
 

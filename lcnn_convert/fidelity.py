@@ -91,7 +91,9 @@ def compare_logits(logits: torch.Tensor, reference: torch.Tensor, source: str, s
 
 
 @torch.no_grad()
-def logits_of(model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor], batch_size: int = FIDELITY_BATCH) -> torch.Tensor:
+def logits_of(
+    model: nn.Module, inputs: torch.Tensor | Sequence[torch.Tensor], batch_size: int = FIDELITY_BATCH
+) -> torch.Tensor:
     """The model's eval-mode logits on ``inputs`` (a tensor, or a sequence of batches), on the CPU."""
     was_training = model.training
     model.eval()

@@ -287,8 +287,11 @@ def _running_statistics_for_one_example(model: nn.Module, batch: int) -> Iterato
     it is normalised with the running ones instead. Batch size 1, or a last batch of one."""
     norms = []
     if batch == 1:
-        norms = [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, LipschitzBatchNorm))
-                 and m.training]  # fmt: skip
+        norms = [
+            m
+            for m in model.modules()
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, LipschitzBatchNorm)) and m.training
+        ]
     for module in norms:
         module.eval()
     try:
@@ -298,8 +301,9 @@ def _running_statistics_for_one_example(model: nn.Module, batch: int) -> Iterato
             module.train()
 
 
-def cross_entropy_and_grad_penalty(model: nn.Module, images, labels, lambda_grad: float, teacher_logits=None,
-                                   distill: float = 0.0):  # fmt: skip
+def cross_entropy_and_grad_penalty(
+    model: nn.Module, images, labels, lambda_grad: float, teacher_logits=None, distill: float = 0.0
+):
     """(label loss, gradient penalty). The label loss is the cross-entropy, mixed with the KL
     divergence to ``teacher_logits`` by ``distill``; the penalty is on the cross-entropy's input
     gradient, 0 unless ``lambda_grad``."""
@@ -314,16 +318,19 @@ def cross_entropy_and_grad_penalty(model: nn.Module, images, labels, lambda_grad
     return label_loss(logits, labels, teacher_logits, distill), penalty
 
 
-def label_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
-               distill: float) -> torch.Tensor:  # fmt: skip
+def label_loss(
+    logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None, distill: float
+) -> torch.Tensor:
     """(1 - distill) * CE(labels) + distill * KL(softmax(teacher) || softmax(logits)) (CE alone without a teacher)."""
     cross_entropy = F.cross_entropy(logits, labels)
     if teacher_logits is None or distill == 0:
         return cross_entropy
     divergence = F.kl_div(
-        F.log_softmax(logits.float(), -1), F.log_softmax(teacher_logits.float(), -1), reduction="batchmean",
+        F.log_softmax(logits.float(), -1),
+        F.log_softmax(teacher_logits.float(), -1),
+        reduction="batchmean",
         log_target=True,
-    )  # fmt: skip
+    )
     return (1 - distill) * cross_entropy + distill * divergence
 
 
@@ -492,8 +499,13 @@ def finetune(
             # betas, the same images on every rank give every rank the same statistics.
             refreshing = time.perf_counter()
             try:
-                recalibrate_batchnorm(model, statistics_data if statistics_data is not None else train,
-                                      REFRESH_BATCHES, REFRESH_BATCH_SIZE, config.seed * 1_000_003 + epoch)  # fmt: skip
+                recalibrate_batchnorm(
+                    model,
+                    statistics_data if statistics_data is not None else train,
+                    REFRESH_BATCHES,
+                    REFRESH_BATCH_SIZE,
+                    config.seed * 1_000_003 + epoch,
+                )
             except (OSError, ValueError, UnreadableExample) as error:
                 kept = f"the last good checkpoint (epoch {epoch}) is kept" if epoch else "no checkpoint was written"
                 raise LcnnError(

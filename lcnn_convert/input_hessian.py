@@ -36,8 +36,14 @@ class _ConvolveInputOnly(torch.autograd.Function):
     """conv(x, weight) with weight a constant; the backward is a differentiable conv_transpose."""
 
     @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, ...], padding: tuple[int, ...],
-                dilation: tuple[int, ...], groups: int) -> torch.Tensor:  # fmt: skip
+    def forward(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        stride: tuple[int, ...],
+        padding: tuple[int, ...],
+        dilation: tuple[int, ...],
+        groups: int,
+    ) -> torch.Tensor:
         return CONVOLUTIONS[weight.dim() - 3](x, weight, None, stride, padding, dilation, groups)
 
     @staticmethod
@@ -79,9 +85,16 @@ def _explicit_padding(conv: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]
 class InputGradientConv(nn.Module):
     """A convolution with constant weights whose double backward forms no weight gradient."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
-                 padding: Sequence[int], dilation: Sequence[int], groups: int,
-                 extra_padding: Sequence[int] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+        extra_padding: Sequence[int] = (),
+    ) -> None:
         super().__init__()
         self.register_buffer("weight", weight.detach())
         self.register_buffer("bias", None if bias is None else bias.detach())
@@ -171,7 +184,9 @@ STAND_INS: dict[type, Callable[[nn.Module], nn.Module | None]] = {
 }
 
 
-def _stand_in_maker(module: nn.Module, stand_ins: dict[type, Callable]) -> Callable[[nn.Module], nn.Module | None] | None:
+def _stand_in_maker(
+    module: nn.Module, stand_ins: dict[type, Callable]
+) -> Callable[[nn.Module], nn.Module | None] | None:
     make = stand_ins.get(type(module))
     if make is None and callable(getattr(module, "curvature_stand_in", None)):
         return type(module).curvature_stand_in

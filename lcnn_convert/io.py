@@ -32,9 +32,16 @@ BOOKKEEPING = (MARKER_FILE, LOCK_FILE, STAGING_DIR)
 # What earlier versions (before the marker) wrote: a directory holding only these and a report.json
 # that names lcnn_convert_version is recognised as an earlier output.
 LEGACY_OUTPUTS = frozenset(
-    {"model.onnx", "model.onnx.data", "model.safetensors", "report.json", "curvature.png", "training.png",
-     "checkpoint.pt"}
-)  # fmt: skip
+    {
+        "model.onnx",
+        "model.onnx.data",
+        "model.safetensors",
+        "report.json",
+        "curvature.png",
+        "training.png",
+        "checkpoint.pt",
+    }
+)
 # errno values that mean "the disk (or a quota, or a file size limit) is full"
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -67,7 +74,9 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 def write_error(error: OSError, what: str | Path) -> LcnnError:
     """The one-line error for a failed write (a full disk above all)."""
     if error.errno in NO_SPACE:
-        return LcnnError(f"cannot write {what}: no space left ({os.strerror(error.errno)}); free some space or choose another -o")
+        return LcnnError(
+            f"cannot write {what}: no space left ({os.strerror(error.errno)}); free some space or choose another -o"
+        )
     return LcnnError(f"cannot write {what}: {error.strerror or error}")
 
 
@@ -160,9 +169,13 @@ class OutputDirectory:
 
     @classmethod
     def open(
-        cls, destination: str | Path, overwrite: bool = False, resume: bool = False, resumable: bool = False,
+        cls,
+        destination: str | Path,
+        overwrite: bool = False,
+        resume: bool = False,
+        resumable: bool = False,
         resume_file: str | None = None,
-    ) -> OutputDirectory:  # fmt: skip
+    ) -> OutputDirectory:
         """Lock ``destination`` and check that this run may write it.
 
         ``resume_file``: the checkpoint a resumable run keeps in the staging folder; one found there
@@ -236,7 +249,9 @@ class OutputDirectory:
                 "pass --resume (with its --finetune options) to continue it, or --overwrite to replace it"
             )
         if visible and not overwrite:
-            raise LcnnError(f"output dir {self.path} holds an earlier lcnn-convert output; pass --overwrite to replace it")
+            raise LcnnError(
+                f"output dir {self.path} holds an earlier lcnn-convert output; pass --overwrite to replace it"
+            )
         self._fresh_staging()
 
     def _fresh_staging(self) -> None:
@@ -259,7 +274,9 @@ class OutputDirectory:
         """Move the staged files into place (``last`` after all others), drop what the previous
         output had and this one has not, write the marker, and remove the staging folder."""
         last = list(last)
-        new = sorted(entry.name for entry in self.staging.iterdir() if entry.is_file() and not entry.name.startswith("."))
+        new = sorted(
+            entry.name for entry in self.staging.iterdir() if entry.is_file() and not entry.name.startswith(".")
+        )
         order = [name for name in new if name not in last] + [name for name in last if name in new]
         previous = _previous_files(self.path)
         try:
@@ -280,8 +297,10 @@ class OutputDirectory:
     def close(self, failed: bool) -> None:
         """End the run: on failure, keep a resumable run's checkpoints and drop everything else it wrote."""
         if failed and not self.committed:
-            keep = self._resumable and self.staging.is_dir() and any(
-                entry.is_file() and not entry.name.startswith(".") for entry in self.staging.iterdir()
+            keep = (
+                self._resumable
+                and self.staging.is_dir()
+                and any(entry.is_file() and not entry.name.startswith(".") for entry in self.staging.iterdir())
             )
             if not keep:
                 shutil.rmtree(self.staging, ignore_errors=True)

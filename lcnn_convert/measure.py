@@ -201,9 +201,14 @@ HESSIAN_NORM_METHODS = {"power": _power_iteration, "lanczos": _lanczos}
 
 
 def _curvature_of_batch(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, first_index: int, iterations: int, eps: float,
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    first_index: int,
+    iterations: int,
+    eps: float,
     method: str = "lanczos",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example curvature, Hessian norm and gradient norm of one batch.
 
     In eval mode the examples do not interact, so the Hessian of the summed loss is block diagonal
@@ -442,8 +447,12 @@ class RobustnessCurve:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"norm": self.norm, "epsilons": list(self.epsilons), "accuracies": list(self.accuracies),
-                "examples": self.examples}  # fmt: skip
+        return {
+            "norm": self.norm,
+            "epsilons": list(self.epsilons),
+            "accuracies": list(self.accuracies),
+            "examples": self.examples,
+        }
 
 
 def _attack_copy(model: nn.Module) -> nn.Module:
@@ -463,9 +472,15 @@ def _attack_copy(model: nn.Module) -> nn.Module:
 
 
 def _unbroken_by_pgd(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norm: Norm, eps: float, steps: int,
-    mean: Sequence[float], std: Sequence[float],
-) -> torch.Tensor:  # fmt: skip
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    norm: Norm,
+    eps: float,
+    steps: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
     """Which examples PGD (``pgd_attack``'s, from the same seeded start) does not break.
 
     An example is broken as soon as one iterate is misclassified, and leaves the batch then: the

@@ -184,7 +184,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except pickle.UnpicklingError as error:
             forbidden = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
             if forbidden is None:
-                raise LcnnError(f"cannot read weights file {path}: not a PyTorch checkpoint (bad pickle data)") from error
+                raise LcnnError(
+                    f"cannot read weights file {path}: not a PyTorch checkpoint (bad pickle data)"
+                ) from error
             raise LcnnError(
                 f"refusing to load {path}: it would import {forbidden.group(1)}, and checkpoints are only read "
                 "with weights_only=True; re-save it as a plain state dict or .safetensors"
@@ -235,12 +237,15 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], origin: st
     unexpected = [key for key in state if key not in own]
     wrong_shape = [key for key in own if key in state and own[key].shape != state[key].shape]
     wrong_kind = [
-        f"'{key}' is {state[key].dtype}" for key in own
+        f"'{key}' is {state[key].dtype}"
+        for key in own
         if key in state and own[key].is_floating_point() and not state[key].is_floating_point()
-    ]  # fmt: skip
+    ]
     if wrong_kind:
         # int8, bool or complex tensors would be cast into float parameters without a word
-        raise LcnnError(f"{origin} holds {len(wrong_kind)} non-float tensors for float parameters (e.g. {wrong_kind[0]})")
+        raise LcnnError(
+            f"{origin} holds {len(wrong_kind)} non-float tensors for float parameters (e.g. {wrong_kind[0]})"
+        )
     if missing or unexpected or wrong_shape:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):

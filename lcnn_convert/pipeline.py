@@ -144,8 +144,15 @@ class ConversionJob:
             raise LcnnError("--device cuda was asked for but no CUDA device is available")
         if not self.atol > 0:
             raise LcnnError(f"--atol must be > 0, got {self.atol}")
-        named = {name: value for name, value in (("--finetune", self.finetune), ("--eval", self.evaluate),
-                                                 ("--calibrate", self.calibrate)) if value}  # fmt: skip
+        named = {
+            name: value
+            for name, value in (
+                ("--finetune", self.finetune),
+                ("--eval", self.evaluate),
+                ("--calibrate", self.calibrate),
+            )
+            if value
+        }
         if len(set(named.values())) > 1:
             raise LcnnError(
                 f"{' and '.join(named)} name different datasets; each run calibrates, measures and trains on one"
@@ -218,8 +225,13 @@ def _examples(dataset, count: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
 def _progress_bar(console: Console, text: str) -> Iterator[Callable[[int, int, float], None]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn(text), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3g}"),
-               TimeRemainingColumn())  # fmt: skip
+    columns = (
+        TextColumn(text),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3g}"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(text, total=None, loss=float("nan"))
 
@@ -241,8 +253,12 @@ def _fit_head(model: nn.Module, job: ConversionJob, num_classes: int, dataset: s
 
 
 def measure(
-    model: nn.Module, splits, examples: int, budgets: dict[str, float], epsilons: dict[str, list[float]] | None = None,
-) -> tuple[dict[str, Any], list[float]]:  # fmt: skip
+    model: nn.Module,
+    splits,
+    examples: int,
+    budgets: dict[str, float],
+    epsilons: dict[str, list[float]] | None = None,
+) -> tuple[dict[str, Any], list[float]]:
     """Accuracy, curvature and the L2 and L-inf robustness curves on the first ``examples`` test images.
 
     ``budgets`` are the headline ones (``pgd_*_accuracy``); ``epsilons`` the budgets of each curve,
@@ -253,12 +269,18 @@ def measure(
     curvature = estimate_curvature(model, splits.test, max_examples=examples)
     curves = {
         norm: robustness_curve(
-            model, splits.test, norm, epsilons[norm] if epsilons else curve_budgets(norm, budgets[norm]),
-            mean=splits.mean, std=splits.std, max_examples=examples,
-            stop_below=None if epsilons else CURVE_STOP_BELOW, stop_from=budgets[norm],
+            model,
+            splits.test,
+            norm,
+            epsilons[norm] if epsilons else curve_budgets(norm, budgets[norm]),
+            mean=splits.mean,
+            std=splits.std,
+            max_examples=examples,
+            stop_below=None if epsilons else CURVE_STOP_BELOW,
+            stop_from=budgets[norm],
         )
         for norm in ("l2", "linf")
-    }  # fmt: skip
+    }
     metrics = {
         "accuracy": evaluate_accuracy(model, splits.test),
         **{key: value for key, value in curvature.to_dict().items() if key != "num_examples"},
@@ -304,9 +326,12 @@ def run_conversion(job: ConversionJob, console: Console | None = None) -> RunRep
 
         def open_directory() -> OutputDirectory:
             return OutputDirectory.open(
-                final, overwrite=job.overwrite, resume=job.resume, resumable=bool(job.finetune),
+                final,
+                overwrite=job.overwrite,
+                resume=job.resume,
+                resumable=bool(job.finetune),
                 resume_file=CHECKPOINT_FILE,
-            )  # fmt: skip
+            )
 
         directory = open_directory() if distributed is None else _run_on_main(distributed, open_directory)
         with directory or contextlib.nullcontext():
@@ -514,7 +539,9 @@ def _check_runs_at_input_size(run: Run) -> None:
     except Exception as error:  # noqa: BLE001 - shape errors surface as RuntimeError, AssertionError, ValueError, ...
         if _is_out_of_memory(error):
             raise
-        raise LcnnError(f"{run.spec} does not run at {height}x{width} ({first_line(error, 160)}); try another --image-size") from error
+        raise LcnnError(
+            f"{run.spec} does not run at {height}x{width} ({first_line(error, 160)}); try another --image-size"
+        ) from error
     finally:
         model.train(was_training)
     logits = output[0] if isinstance(output, (tuple, list)) else output
@@ -541,15 +568,25 @@ def resume_identity(job: ConversionJob, num_classes: int | None) -> dict[str, An
     schedule is then the longer run's from the resumed step on).
     """
     identity = {
-        "model": job.model, "weights": checksum(job.weights) if job.weights else None,
-        "pretrained": job.pretrained, "num_classes": num_classes, "dataset": job.dataset,
-        "image_size": job.image_size, "mean": list(job.mean) if job.mean else None,
-        "std": list(job.std) if job.std else None, "interpolation": job.interpolation, "beta": job.beta,
+        "model": job.model,
+        "weights": checksum(job.weights) if job.weights else None,
+        "pretrained": job.pretrained,
+        "num_classes": num_classes,
+        "dataset": job.dataset,
+        "image_size": job.image_size,
+        "mean": list(job.mean) if job.mean else None,
+        "std": list(job.std) if job.std else None,
+        "interpolation": job.interpolation,
+        "beta": job.beta,
         "activation": job.activation,
-        "calibration_examples": job.calibration_examples, "logit_tolerance": job.logit_tolerance,
-        "min_agreement": job.min_agreement, "opset": job.opset, "atol": job.atol, "seed": job.seed,
+        "calibration_examples": job.calibration_examples,
+        "logit_tolerance": job.logit_tolerance,
+        "min_agreement": job.min_agreement,
+        "opset": job.opset,
+        "atol": job.atol,
+        "seed": job.seed,
         "eval_examples": job.eval_examples,
-    }  # fmt: skip
+    }
     training = asdict(job.training)
     for key in ("seed", "epochs", "max_steps"):  # the run's --seed is above; see the docstring
         training.pop(key)
@@ -606,17 +643,23 @@ def _convert(run: Run) -> None:
         return
     data = _calibration_data(run)
     options = ConvertOptions(
-        beta=job.beta, rules=default_rules(job.activation), logit_tolerance=job.logit_tolerance,
-        min_agreement=job.min_agreement, input_size=run.input_size, seed=job.seed,
-    )  # fmt: skip
+        beta=job.beta,
+        rules=default_rules(job.activation),
+        logit_tolerance=job.logit_tolerance,
+        min_agreement=job.min_agreement,
+        input_size=run.input_size,
+        seed=job.seed,
+    )
     with run.step("convert", "convert"):
         torch.manual_seed(job.seed)  # every rank converts to the same model
         if data is not None:
             data = CalibrationData(
                 tuple(t.to(run.device) for t in data.calibration),
                 None if data.held_out is None else tuple(t.to(run.device) for t in data.held_out),
-                data.source, data.synthetic, data.held_out_source,
-            )  # fmt: skip
+                data.source,
+                data.synthetic,
+                data.held_out_source,
+            )
         try:
             run.converted = convert_with_options(run.model.to(run.device), data, options)
         except RuntimeError as error:
@@ -641,16 +684,28 @@ def _convert(run: Run) -> None:
 def _finetune(run: Run) -> None:
     job = run.job
     extra = {
-        "identity": run.identity, "metrics": run.metrics, "curvatures": run.curvatures,
-        "conversion": run.conversion, "batchnorm_statistics": run.bn_statistics,
-    }  # fmt: skip
+        "identity": run.identity,
+        "metrics": run.metrics,
+        "curvatures": run.curvatures,
+        "conversion": run.conversion,
+        "batchnorm_statistics": run.bn_statistics,
+    }
     start = time.perf_counter()
     try:
         run.finetune_result = finetune(
-            run.converted, run.splits.train, run.splits.test, job.training, checkpoint_path=run.out / CHECKPOINT_FILE,
-            resume=run.resume_state, device=run.device, console=run.console, extra_state=extra,
-            distributed=run.distributed, teacher=_teacher(run), statistics_data=run.splits.calibration_pool,
-        )  # fmt: skip
+            run.converted,
+            run.splits.train,
+            run.splits.test,
+            job.training,
+            checkpoint_path=run.out / CHECKPOINT_FILE,
+            resume=run.resume_state,
+            device=run.device,
+            console=run.console,
+            extra_state=extra,
+            distributed=run.distributed,
+            teacher=_teacher(run),
+            statistics_data=run.splits.calibration_pool,
+        )
     except RuntimeError as error:
         if run.distributed is None:
             raise
@@ -724,9 +779,10 @@ def _report(run: Run) -> RunReport:
         files["checkpoint"] = CHECKPOINT_FILE
         if run.distributed is not None:
             finetune_summary["distributed"] = {
-                "world_size": run.distributed.world_size, "backend": run.distributed.backend,
+                "world_size": run.distributed.world_size,
+                "backend": run.distributed.backend,
                 "batch_per_rank": run.finetune_result.config.batch_size // run.distributed.world_size,
-            }  # fmt: skip
+            }
         finetune_summary["fidelity"] = run.finetune_fidelity.to_dict() if run.finetune_fidelity else None
         finetune_summary["distilled_from_original"] = _teacher(run) is not None and job.training.distill > 0
     fidelity = run.conversion.get("fidelity")
@@ -742,15 +798,17 @@ def _report(run: Run) -> RunReport:
         preprocessing=run.preprocessing,
         conversion=run.conversion,
         fidelity=Fidelity(**fidelity) if fidelity else None,
-        fidelity_gate=FidelityGate(job.min_agreement, gated=fidelity is not None and not fidelity["synthetic"]
-                                   and not job.finetune),
+        fidelity_gate=FidelityGate(
+            job.min_agreement, gated=fidelity is not None and not fidelity["synthetic"] and not job.finetune
+        ),
         batchnorm_statistics=run.bn_statistics,
         parity=run.parity,
         files=files,
         timings_s=run.timings,
         metrics=run.metrics or None,
         measurement={"examples": job.eval_examples, "headline_eps": run.budgets, **measurement_protocol(run.budgets)}
-        if run.metrics else None,
+        if run.metrics
+        else None,
         finetune=finetune_summary,
         warnings=run.warnings,
         checksums=checksums(out, files.values()),
@@ -767,9 +825,13 @@ def _classes(model: nn.Module) -> int | None:
 
 # what each identity key is called on the command line, for the refusal
 _OPTION_NAMES = {
-    "model": "MODEL", "weights": "--weights (contents)", "pretrained": "--pretrained", "dataset": "--finetune",
-    "training.lambda_grad": "--grad-norm", "training.refresh_batchnorm": "--refresh-bn/--no-refresh-bn",
-}  # fmt: skip
+    "model": "MODEL",
+    "weights": "--weights (contents)",
+    "pretrained": "--pretrained",
+    "dataset": "--finetune",
+    "training.lambda_grad": "--grad-norm",
+    "training.refresh_batchnorm": "--refresh-bn/--no-refresh-bn",
+}
 
 
 def _check_resumable(state: dict[str, Any], identity: dict[str, Any], checkpoint: Path) -> None:
@@ -778,11 +840,13 @@ def _check_resumable(state: dict[str, Any], identity: dict[str, Any], checkpoint
         raise LcnnError(f"cannot resume from {checkpoint}: it records no run settings (not written by this version)")
     different = [key for key in identity if saved.get(key, "(not recorded)") != identity[key]]
     if different:
+
         def option(key: str) -> str:
             return _OPTION_NAMES.get(key, "--" + key.removeprefix("training.").replace("_", "-"))
 
-        detail = ", ".join(f"{option(key)} {saved.get(key, '(not recorded)')!r} then, {identity[key]!r} now"
-                           for key in different[:4])  # fmt: skip
+        detail = ", ".join(
+            f"{option(key)} {saved.get(key, '(not recorded)')!r} then, {identity[key]!r} now" for key in different[:4]
+        )
         raise LcnnError(
             f"cannot resume from {checkpoint}: it was made with other settings ({detail}); "
             "resume with the same settings, or start again with --overwrite"

@@ -52,11 +52,19 @@ def plot_robustness(
             curve = by_norm.get(norm)
             if curve:
                 scale = 255 if norm == "linf" else 1
-                axis.plot([eps * scale for eps in curve["epsilons"]], [100 * a for a in curve["accuracies"]],
-                          marker="o", label=name)  # fmt: skip
+                axis.plot(
+                    [eps * scale for eps in curve["epsilons"]],
+                    [100 * a for a in curve["accuracies"]],
+                    marker="o",
+                    label=name,
+                )
         if norm in headline:
-            axis.axvline(headline[norm] * (255 if norm == "linf" else 1), color="grey", linestyle=":",
-                         label=f"headline ε {budget_text(norm, headline[norm])}")  # fmt: skip
+            axis.axvline(
+                headline[norm] * (255 if norm == "linf" else 1),
+                color="grey",
+                linestyle=":",
+                label=f"headline ε {budget_text(norm, headline[norm])}",
+            )
         axis.set_xlabel(f"PGD {norm_name(norm)} budget ε" + (" (×1/255)" if norm == "linf" else ""))
         axis.set_ylabel("robust accuracy (%)")
         axis.set_ylim(0, 100)

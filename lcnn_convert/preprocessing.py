@@ -52,9 +52,7 @@ def _numbers(values: Sequence[float]) -> str:
     return "(" + ", ".join(f"{value:.3g}" for value in values) + ")"
 
 
-def check_overrides(
-    mean: Sequence[float] | None, std: Sequence[float] | None, interpolation: str | None
-) -> None:
+def check_overrides(mean: Sequence[float] | None, std: Sequence[float] | None, interpolation: str | None) -> None:
     """One line for a bad --mean/--std/--interpolation, before any work starts."""
     for name, values in (("--mean", mean), ("--std", std)):
         if values is not None and len(values) != 3:
@@ -84,7 +82,9 @@ def preprocessing_for(
     )
 
 
-def _renormalize(images: torch.Tensor, used: Preprocessing, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def _renormalize(
+    images: torch.Tensor, used: Preprocessing, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
     view = (1, -1, 1, 1)
     pixels = images * torch.tensor(used.std).view(view) + torch.tensor(used.mean).view(view)
     return (pixels - torch.tensor(mean).view(view)) / torch.tensor(std).view(view)
@@ -100,8 +100,11 @@ def preprocessing_candidates(
     model.eval()
     device = next(model.parameters(), torch.empty(0)).device
     try:
+
         def accuracy(batch: torch.Tensor) -> float:
-            predictions = torch.cat([first_tensor(model(part.to(device))).argmax(-1).cpu() for part in batch.split(128)])
+            predictions = torch.cat(
+                [first_tensor(model(part.to(device))).argmax(-1).cpu() for part in batch.split(128)]
+            )
             return float((predictions == labels).float().mean())
 
         scored = [(used.describe(), accuracy(images))]
@@ -111,6 +114,3 @@ def preprocessing_candidates(
         return scored
     finally:
         model.train(was_training)
-
-
-

@@ -96,9 +96,11 @@ class RunReport:
         fidelity = None
         if self.fidelity is not None:
             fidelity = {
-                **self.fidelity.to_dict(), "min_agreement": self.fidelity_gate.min_agreement,
-                "gated": self.fidelity_gate.gated, "passed": self.fidelity_passed,
-            }  # fmt: skip
+                **self.fidelity.to_dict(),
+                "min_agreement": self.fidelity_gate.min_agreement,
+                "gated": self.fidelity_gate.gated,
+                "passed": self.fidelity_passed,
+            }
         report: dict[str, Any] = {
             "model": self.model,
             "source": self.source,
@@ -235,7 +237,9 @@ def print_report(report: RunReport, console: Console | None = None) -> None:
         else:
             verdict = "[red]FAILED[/red]" if gate.gated else "[yellow]below the gate (warning only)[/yellow]"
         table.add_row("fidelity to the original", f"{verdict} (gate {gate.min_agreement:.0%} top-1 agreement)")
-        table.add_row("  top-1 agreement", f"{fidelity.top1_agreement:.2%} over {fidelity.num_inputs} inputs ({fidelity.source})")
+        table.add_row(
+            "  top-1 agreement", f"{fidelity.top1_agreement:.2%} over {fidelity.num_inputs} inputs ({fidelity.source})"
+        )
         table.add_row(
             "  relative logit error",
             f"mean {_number(fidelity.mean_relative_logit_error, 3)}, max {_number(fidelity.max_relative_logit_error, 3)}",

@@ -132,10 +132,12 @@ def _openvino_dims(path: Path) -> list[int | None]:
 
 
 RUNTIMES: dict[str, Runtime] = {
-    "onnxruntime": Runtime("onnxruntime", "onnxruntime", "pip install onnxruntime", _onnxruntime_runner,
-                           _onnxruntime_dims),  # fmt: skip
-    "openvino": Runtime("openvino", "openvino", 'pip install "lcnn-convert[openvino]"', _openvino_runner,
-                        _openvino_dims),  # fmt: skip
+    "onnxruntime": Runtime(
+        "onnxruntime", "onnxruntime", "pip install onnxruntime", _onnxruntime_runner, _onnxruntime_dims
+    ),
+    "openvino": Runtime(
+        "openvino", "openvino", 'pip install "lcnn-convert[openvino]"', _openvino_runner, _openvino_dims
+    ),
 }
 assert tuple(RUNTIMES) == ONNX_RUNTIMES, "defaults.ONNX_RUNTIMES names what RUNTIMES runs"
 

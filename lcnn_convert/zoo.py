@@ -40,17 +40,65 @@ BASELINE_FACTOR = 2.0
 # timm models across the families the issue names (plus a few more), small variants where a
 # family has them: the sweep exercises the pass, not the FLOPs.
 TIMM_ZOO = (
-    "resnet18", "resnet50d", "resnet26t", "seresnext26d_32x4d", "resnetv2_50", "resnetv2_50x1_bit",
-    "resnext26ts", "regnetx_002", "regnety_004", "regnetz_b16", "efficientnet_b0", "efficientnet_lite0",
-    "tf_efficientnetv2_b0", "mobilenetv2_050", "mobilenetv3_small_050", "mobilenetv3_large_100",
-    "mobilenetv4_conv_small", "densenet121", "dla34", "dla46_c", "dpn48b", "ghostnet_100", "ghostnetv2_100",
-    "hrnet_w18_small", "rexnet_100", "vgg11_bn", "inception_v3", "inception_v4", "xception41", "legacy_xception",
-    "cspresnet50", "cspdarknet53", "cs3darknet_s", "convnext_atto", "convnextv2_atto", "vit_tiny_patch16_224",
-    "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "mixnet_s", "mnasnet_050", "fbnetc_100",
-    "res2net50_14w_8s", "selecsls42b", "tinynet_e", "lcnet_050", "repvgg_a0", "darknet17", "gernet_s",
-    "skresnet18", "botnet26t_256", "levit_128s", "efficientformer_l1", "mobilevit_xxs", "poolformer_s12",
-    "coat_tiny", "nfnet_l0", "halonet26t", "edgenext_xx_small",
-)  # fmt: skip
+    "resnet18",
+    "resnet50d",
+    "resnet26t",
+    "seresnext26d_32x4d",
+    "resnetv2_50",
+    "resnetv2_50x1_bit",
+    "resnext26ts",
+    "regnetx_002",
+    "regnety_004",
+    "regnetz_b16",
+    "efficientnet_b0",
+    "efficientnet_lite0",
+    "tf_efficientnetv2_b0",
+    "mobilenetv2_050",
+    "mobilenetv3_small_050",
+    "mobilenetv3_large_100",
+    "mobilenetv4_conv_small",
+    "densenet121",
+    "dla34",
+    "dla46_c",
+    "dpn48b",
+    "ghostnet_100",
+    "ghostnetv2_100",
+    "hrnet_w18_small",
+    "rexnet_100",
+    "vgg11_bn",
+    "inception_v3",
+    "inception_v4",
+    "xception41",
+    "legacy_xception",
+    "cspresnet50",
+    "cspdarknet53",
+    "cs3darknet_s",
+    "convnext_atto",
+    "convnextv2_atto",
+    "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "mixnet_s",
+    "mnasnet_050",
+    "fbnetc_100",
+    "res2net50_14w_8s",
+    "selecsls42b",
+    "tinynet_e",
+    "lcnet_050",
+    "repvgg_a0",
+    "darknet17",
+    "gernet_s",
+    "skresnet18",
+    "botnet26t_256",
+    "levit_128s",
+    "efficientformer_l1",
+    "mobilevit_xxs",
+    "poolformer_s12",
+    "coat_tiny",
+    "nfnet_l0",
+    "halonet26t",
+    "edgenext_xx_small",
+)
 
 
 @dataclass
@@ -176,7 +224,9 @@ def check_model(
         result.stage = "done"
         result.status = "ok"
         if _nothing_to_convert(result):
-            result.reason = f"no BatchNorm and no activation: only the {result.normalized} convs/linears were normalized"
+            result.reason = (
+                f"no BatchNorm and no activation: only the {result.normalized} convs/linears were normalized"
+            )
         elif result.skipped:
             result.reason = "left: " + "; ".join(kinds[:2])
         return result

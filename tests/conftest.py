@@ -81,8 +81,12 @@ def fake_earlier_output(directory: Path, extra: dict[str, bytes] | None = None) 
     """What an earlier lcnn-convert run leaves (its marker names its files), without running one."""
     import json
 
-    files = {"model.onnx": b"earlier onnx", "model.safetensors": b"earlier weights",
-             "report.json": b'{"lcnn_convert_version": "0.1.0"}', **(extra or {})}  # fmt: skip
+    files = {
+        "model.onnx": b"earlier onnx",
+        "model.safetensors": b"earlier weights",
+        "report.json": b'{"lcnn_convert_version": "0.1.0"}',
+        **(extra or {}),
+    }
     directory.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
         (directory / name).write_bytes(content)

@@ -30,18 +30,35 @@ from .test_properties import fast, log_uniform
 
 # Originals the smooth families contain exactly, at the replacement's initial beta.
 EXACT = {
-    "SiLU": nn.SiLU(), "timm Swish": timm_acts.Swish(), "QuickGELU": timm_acts.QuickGELU(),
-    "GELU": nn.GELU(), "GELU tanh": nn.GELU(approximate="tanh"), "timm GELUTanh": timm_acts.GELUTanh(),
-    "timm GELU": timm_acts.GELU(), "Mish": nn.Mish(), "timm Mish": timm_acts.Mish(), "Sigmoid": nn.Sigmoid(),
-    "timm Sigmoid": timm_acts.Sigmoid(), "Tanh": nn.Tanh(), "Softsign": nn.Softsign(), "ELU(0.7)": nn.ELU(0.7),
-    "CELU(1.3)": nn.CELU(1.3), "SELU": nn.SELU(), "Softplus(2)": nn.Softplus(2.0),
-}  # fmt: skip
+    "SiLU": nn.SiLU(),
+    "timm Swish": timm_acts.Swish(),
+    "QuickGELU": timm_acts.QuickGELU(),
+    "GELU": nn.GELU(),
+    "GELU tanh": nn.GELU(approximate="tanh"),
+    "timm GELUTanh": timm_acts.GELUTanh(),
+    "timm GELU": timm_acts.GELU(),
+    "Mish": nn.Mish(),
+    "timm Mish": timm_acts.Mish(),
+    "Sigmoid": nn.Sigmoid(),
+    "timm Sigmoid": timm_acts.Sigmoid(),
+    "Tanh": nn.Tanh(),
+    "Softsign": nn.Softsign(),
+    "ELU(0.7)": nn.ELU(0.7),
+    "CELU(1.3)": nn.CELU(1.3),
+    "SELU": nn.SELU(),
+    "Softplus(2)": nn.Softplus(2.0),
+}
 # Piecewise-linear originals: their families reach them as beta grows.
 PIECEWISE = {
-    "ReLU": nn.ReLU(), "ReLU6": nn.ReLU6(), "LeakyReLU(0.1)": nn.LeakyReLU(0.1), "Hardtanh(-2, 3)": nn.Hardtanh(-2.0, 3.0),
-    "Hardsigmoid": nn.Hardsigmoid(), "timm HardSigmoid": timm_acts.HardSigmoid(), "Hardswish": nn.Hardswish(),
+    "ReLU": nn.ReLU(),
+    "ReLU6": nn.ReLU6(),
+    "LeakyReLU(0.1)": nn.LeakyReLU(0.1),
+    "Hardtanh(-2, 3)": nn.Hardtanh(-2.0, 3.0),
+    "Hardsigmoid": nn.Hardsigmoid(),
+    "timm HardSigmoid": timm_acts.HardSigmoid(),
+    "Hardswish": nn.Hardswish(),
     "timm HardSwish": timm_acts.HardSwish(),
-}  # fmt: skip
+}
 
 
 def replacement(original: nn.Module, beta: float = 100.0, activation: str = "centered_softplus") -> nn.Module:
@@ -74,7 +91,9 @@ def test_piecewise_families_keep_f0_and_approach_the_original_as_beta_grows(name
     for beta in (10.0, 100.0, 1000.0):
         layer = replacement(original, beta, activation).double()
         assert layer.calibrated
-        assert layer(torch.zeros(1, dtype=torch.float64)).item() == pytest.approx(original(torch.zeros(1)).item(), abs=1e-12)
+        assert layer(torch.zeros(1, dtype=torch.float64)).item() == pytest.approx(
+            original(torch.zeros(1)).item(), abs=1e-12
+        )
         errors.append((layer(x) - original(x.float()).double()).abs().max().item())
     # the error falls as 1/beta: at most sup|r - relu| / beta (log 2 or 0.28) per kink, times the
     # largest factor in front (|x| / 6 <= 1/2 at hardswish's kinks)
@@ -85,7 +104,9 @@ def test_piecewise_families_keep_f0_and_approach_the_original_as_beta_grows(name
 ALL_LAYERS = {
     **{f"exact {name}": (lambda original=original: replacement(original)) for name, original in EXACT.items()},
     **{
-        f"{activation} {name}": (lambda original=original, activation=activation: replacement(original, 3.0, activation))
+        f"{activation} {name}": (
+            lambda original=original, activation=activation: replacement(original, 3.0, activation)
+        )
         for name, original in PIECEWISE.items()
         for activation in ("centered_softplus", "swish")
     },
@@ -199,14 +220,25 @@ def test_every_family_converts_exports_and_passes_parity(activation, tmp_path):
 
 def test_swish_turns_relus_into_calibrated_x_sigmoid_beta_x_and_rebuilds_from_its_rule_names():
     torch.manual_seed(0)
-    model = randomize_batchnorms(nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
-        nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
-    ))  # fmt: skip
+    model = randomize_batchnorms(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 4),
+        )
+    )
     images = torch.randn(32, 3, 12, 12, generator=torch.Generator().manual_seed(1))
     converted = lc.convert(model, images, activation="swish")
     sites = [m for m in converted.modules() if isinstance(m, SmoothActivation)]
-    assert len(sites) == 2 and all(isinstance(m, ScaledActivation) and m.function == "silu" and m.calibrated for m in sites)
+    assert len(sites) == 2 and all(
+        isinstance(m, ScaledActivation) and m.function == "silu" and m.calibrated for m in sites
+    )
     assert all(m.frozen_beta() > 1.0 for m in sites)
     assert converted.conversion_report.fidelity.top1_agreement >= 0.99
     rules = default_rules("swish")
@@ -237,13 +269,17 @@ def test_the_beta_penalty_weighs_equal_peak_curvature_equally(activation):
         layer = replacement(original, beta=3.0, activation=activation)
         if isinstance(layer, SmoothHardswish) or (isinstance(layer, ScaledActivation) and layer._spec().saturating):
             continue  # their peak curvature is not beta times a constant
-        assert layer.regulariser_term().item() == pytest.approx(layer.curvature_constant() / softplus_unit, rel=1e-5), name
+        assert layer.regulariser_term().item() == pytest.approx(layer.curvature_constant() / softplus_unit, rel=1e-5), (
+            name
+        )
 
 
 def test_input_hessian_stand_ins_are_the_layers_inference_forms():
     from lcnn_convert.input_hessian import swap_for_input_hessian
 
-    model = nn.Sequential(nn.Linear(4, 4), ScaledActivation("gelu", 0.7), SmoothPiecewiseLinear((0.0,), (1.0,), beta=4.0))
+    model = nn.Sequential(
+        nn.Linear(4, 4), ScaledActivation("gelu", 0.7), SmoothPiecewiseLinear((0.0,), (1.0,), beta=4.0)
+    )
     stand_in = torch.nn.Sequential(*[m for m in model]).eval()
     swapped = swap_for_input_hessian(stand_in)
     assert swapped == ["1", "2"]

@@ -28,12 +28,20 @@ def test_convert_writes_a_complete_output_dir_that_loads_back(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "ONNX parity" in result.stdout and "passed" in result.stdout
     assert sorted(path.name for path in out.iterdir()) == [
-        ".lcnn-convert", ".lcnn-convert.lock", "model.onnx", "model.safetensors", "report.json"
-    ]  # fmt: skip
+        ".lcnn-convert",
+        ".lcnn-convert.lock",
+        "model.onnx",
+        "model.safetensors",
+        "report.json",
+    ]
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == "torchvision:resnet18" and report["source"] == "torchvision"
     conversion = report["conversion"]
-    assert (conversion["activations_replaced"], conversion["batchnorms_replaced"], conversion["layers_normalized"]) == (17, 20, 21)
+    assert (conversion["activations_replaced"], conversion["batchnorms_replaced"], conversion["layers_normalized"]) == (
+        17,
+        20,
+        21,
+    )
     assert conversion["method"] == "fx" and conversion["skipped"] == [] and conversion["curvature_bound"] > 0
     parity = report["parity"]
     assert parity["passed"] and parity["max_abs_diff"] <= parity["atol"] == 1e-4 and parity["top1_agreement"] == 1.0
@@ -54,15 +62,23 @@ def test_timm_model_with_weights_json_output_and_overwrite(tmp_path, cli):
     out = tmp_path / "out"
     fake_earlier_output(out, extra={"training.png": b"an earlier fine-tuning run's plot"})
     (out / "notes.txt").write_text("the user's own notes")
-    result = cli("resnet18", "--weights", weights, "--image-size", "32", "--beta", "20", "-o", out, "--overwrite", "--json")
+    result = cli(
+        "resnet18", "--weights", weights, "--image-size", "32", "--beta", "20", "-o", out, "--overwrite", "--json"
+    )
     assert result.code == 0, result.err
     report = json.loads(result.out)
     assert report["num_classes"] == 4 and report["weights"] == str(weights) and not report["pretrained"]
-    assert report["conversion"]["beta"]["mode"] == "fixed" and report["conversion"]["beta"]["mean"] == pytest.approx(20, rel=1e-5)
+    assert report["conversion"]["beta"]["mode"] == "fixed" and report["conversion"]["beta"]["mean"] == pytest.approx(
+        20, rel=1e-5
+    )
     # the earlier output's files are replaced or gone; what lcnn-convert did not write stays
     assert not (out / "training.png").exists() and (out / "model.onnx").stat().st_size > 1000
     assert (out / "notes.txt").read_text() == "the user's own notes"
-    assert json.loads((out / ".lcnn-convert").read_text())["files"] == ["model.onnx", "model.safetensors", "report.json"]
+    assert json.loads((out / ".lcnn-convert").read_text())["files"] == [
+        "model.onnx",
+        "model.safetensors",
+        "report.json",
+    ]
     result = cli("timm:resnet18", *SMALL, "-o", tmp_path / "timm")
     assert result.code == 0, result.err
     assert json.loads((tmp_path / "timm" / "report.json").read_text())["source"] == "timm"
@@ -108,7 +124,9 @@ def test_verify_in_a_runtime_that_is_not_installed_says_what_to_install(tmp_path
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else find_spec(name, *a)
+    )
     assert_one_line_error(cli("verify", tmp_path, "--runtime", "openvino"), 'pip install "lcnn-convert[openvino]"')
 
 
@@ -117,9 +135,23 @@ def test_help_explains_the_main_form():
     assert result.returncode == 0 and "lcnn-convert MODEL [OPTIONS]" in result.stdout
     result = run_console_script("convert", "--help")
     assert result.returncode == 0
-    for option in ("--weights", "--no-pretrained", "--num-classes", "--beta", "--image-size", "--output", "--overwrite",
-                   "--opset", "--device", "--calibrate", "--calibration-examples", "--min-agreement", "--mean", "--std",
-                   "--interpolation"):  # fmt: skip
+    for option in (
+        "--weights",
+        "--no-pretrained",
+        "--num-classes",
+        "--beta",
+        "--image-size",
+        "--output",
+        "--overwrite",
+        "--opset",
+        "--device",
+        "--calibrate",
+        "--calibration-examples",
+        "--min-agreement",
+        "--mean",
+        "--std",
+        "--interpolation",
+    ):
         assert option in result.stdout
 
 
@@ -127,7 +159,10 @@ def test_help_explains_the_main_form():
     "args, fragments",
     [
         (["-o", "{out}", "--no-pretrained", "--image-size", "32", "resnt18"], ["unknown model 'resnt18'"]),
-        (["--no-pretrained", "--beta", "0", "-o", "{out}", "resnet18", "--image-size", "32"], ["--beta must be 'auto'"]),
+        (
+            ["--no-pretrained", "--beta", "0", "-o", "{out}", "resnet18", "--image-size", "32"],
+            ["--beta must be 'auto'"],
+        ),
         (["--frobnicate", "resnet18"], ["No such option: --frobnicate"]),
     ],
     ids=["all options first", "options on both sides", "unknown option first"],
@@ -226,18 +261,36 @@ BAD_INPUTS = {
     "corrupt weights": (["resnet18", "--weights", "{corrupt}"], ["not a PyTorch checkpoint"]),
     "mismatched weights": (["resnet18", "--weights", "{mismatched}"], ["does not match ResNet"]),
     "pickle with code": (["resnet18", "--weights", "{evil}"], ["refusing to load", "weights_only=True"]),
-    "negative classes": (["resnet18", "--no-pretrained", "--num-classes", "-3"], ["--num-classes must be a positive integer"]),
-    "zero beta": (["resnet18", "--no-pretrained", "--beta", "0"], ["--beta must be 'auto' or a number in [0.001, 10000]"]),
-    "negative beta": (["resnet18", "--no-pretrained", "--beta=-2"], ["--beta must be 'auto' or a number in [0.001, 10000]"]),
-    "word beta": (["resnet18", "--no-pretrained", "--beta", "sharp"], ["--beta must be 'auto' or a number in [0.001, 10000]"]),
+    "negative classes": (
+        ["resnet18", "--no-pretrained", "--num-classes", "-3"],
+        ["--num-classes must be a positive integer"],
+    ),
+    "zero beta": (
+        ["resnet18", "--no-pretrained", "--beta", "0"],
+        ["--beta must be 'auto' or a number in [0.001, 10000]"],
+    ),
+    "negative beta": (
+        ["resnet18", "--no-pretrained", "--beta=-2"],
+        ["--beta must be 'auto' or a number in [0.001, 10000]"],
+    ),
+    "word beta": (
+        ["resnet18", "--no-pretrained", "--beta", "sharp"],
+        ["--beta must be 'auto' or a number in [0.001, 10000]"],
+    ),
     "classes not a number": (["resnet18", "--num-classes", "ten"], ["--num-classes", "integer"]),
     "old opset": (["resnet18", "--no-pretrained", "--opset", "11"], ["opset must lie in [17, 23]"]),
     "future opset": (["resnet18", "--no-pretrained", "--opset", "99"], ["opset must lie in [17, 23]"]),
     "tiny beta": (["resnet18", "--no-pretrained", "--beta", "1e-30"], ["--beta must be 'auto' or a number in"]),
     "infinite beta": (["resnet18", "--no-pretrained", "--beta", "inf"], ["--beta must be 'auto' or a number in"]),
     "nan beta": (["resnet18", "--no-pretrained", "--beta", "nan"], ["--beta must be 'auto' or a number in"]),
-    "huge image size": (["resnet18", "--no-pretrained", "--image-size", "100000"], ["--image-size must lie in [8, 4096]"]),
-    "huge class count": (["resnet18", "--no-pretrained", "--num-classes", str(10**12)], ["--num-classes must be at most"]),
+    "huge image size": (
+        ["resnet18", "--no-pretrained", "--image-size", "100000"],
+        ["--image-size must lie in [8, 4096]"],
+    ),
+    "huge class count": (
+        ["resnet18", "--no-pretrained", "--num-classes", str(10**12)],
+        ["--num-classes must be at most"],
+    ),
     "seed past 64 bits": (["resnet18", "--no-pretrained", "--seed", str(2**70)], ["--seed must lie in [0, 2**32 - 1]"]),
     "negative seed": (["resnet18", "--no-pretrained", "--seed", "-1"], ["--seed must lie in"]),
     "int8 weights": (["resnet18", "--weights", "{int8}"], ["non-float tensors", "torch.int8"]),
@@ -245,21 +298,51 @@ BAD_INPUTS = {
     "complex weights": (["resnet18", "--weights", "{complex}"], ["non-float tensors", "torch.complex64"]),
     "0-d head weight": (["resnet18", "--weights", "{scalar_head}"], ["head weight 'fc.weight'", "shape []"]),
     "head with 0 rows": (["resnet18", "--weights", "{empty_head}"], ["head weight 'fc.weight'", "shape [0, 512]"]),
-    "model too small for the size": (["torchvision:alexnet", "--no-pretrained", "--num-classes", "10"], ["does not run at 32x32"]),
-    "vit at another size": (["timm:vit_tiny_patch16_224", "--no-pretrained", "--num-classes", "10"], ["does not run at 32x32"]),
+    "model too small for the size": (
+        ["torchvision:alexnet", "--no-pretrained", "--num-classes", "10"],
+        ["does not run at 32x32"],
+    ),
+    "vit at another size": (
+        ["timm:vit_tiny_patch16_224", "--no-pretrained", "--num-classes", "10"],
+        ["does not run at 32x32"],
+    ),
     "pretrained offline": (["resnet18", "--num-classes", "10"], ["--weights", "--no-pretrained"]),
     "unknown option": (["resnet18", "--frobnicate"], ["No such option"]),
-    "unknown device": (["resnet18", "--no-pretrained", "--device", "tpu"], ["--device", "'tpu' is not one of 'auto', 'cpu', 'cuda'"]),
-    "unknown optimizer": (["resnet18", "--no-pretrained", "--optimizer", "adam"], ["--optimizer", "'adam' is not one of"]),
+    "unknown device": (
+        ["resnet18", "--no-pretrained", "--device", "tpu"],
+        ["--device", "'tpu' is not one of 'auto', 'cpu', 'cuda'"],
+    ),
+    "unknown optimizer": (
+        ["resnet18", "--no-pretrained", "--optimizer", "adam"],
+        ["--optimizer", "'adam' is not one of"],
+    ),
     "unknown schedule": (["resnet18", "--no-pretrained", "--schedule", "step"], ["--schedule", "'step' is not one of"]),
     "mean of two values": (["resnet18", "--no-pretrained", "--mean", "0.5", "0.5"], ["--mean"]),
     "zero std": (["resnet18", "--no-pretrained", "--std", "0", "1", "1"], ["--std values must be > 0"]),
-    "unknown interpolation": (["resnet18", "--no-pretrained", "--interpolation", "cubic"], ["--interpolation must be one of"]),
-    "two datasets": (["resnet18", "--no-pretrained", "--calibrate", "digits", "--eval", "svhn"], ["name different datasets"]),
-    "agreement above 1": (["resnet18", "--no-pretrained", "--min-agreement", "2"], ["--min-agreement must lie in [0, 1]"]),
-    "one calibration example": (["resnet18", "--no-pretrained", "--calibration-examples", "1"], ["--calibration-examples must be >= 2"]),
-    "zero logit tolerance": (["resnet18", "--no-pretrained", "--logit-tolerance", "0"], ["--logit-tolerance must lie in (0, 1)"]),
-    "unknown calibration dataset": (["resnet18", "--no-pretrained", "--calibrate", "mnist"], ["unknown dataset 'mnist'"]),
+    "unknown interpolation": (
+        ["resnet18", "--no-pretrained", "--interpolation", "cubic"],
+        ["--interpolation must be one of"],
+    ),
+    "two datasets": (
+        ["resnet18", "--no-pretrained", "--calibrate", "digits", "--eval", "svhn"],
+        ["name different datasets"],
+    ),
+    "agreement above 1": (
+        ["resnet18", "--no-pretrained", "--min-agreement", "2"],
+        ["--min-agreement must lie in [0, 1]"],
+    ),
+    "one calibration example": (
+        ["resnet18", "--no-pretrained", "--calibration-examples", "1"],
+        ["--calibration-examples must be >= 2"],
+    ),
+    "zero logit tolerance": (
+        ["resnet18", "--no-pretrained", "--logit-tolerance", "0"],
+        ["--logit-tolerance must lie in (0, 1)"],
+    ),
+    "unknown calibration dataset": (
+        ["resnet18", "--no-pretrained", "--calibrate", "mnist"],
+        ["unknown dataset 'mnist'"],
+    ),
 }
 
 
@@ -344,5 +427,7 @@ def test_models_past_the_protobuf_limit_export_with_external_data(tmp_path, cli,
     monkeypatch.setattr(lcnn_convert.export, "EXTERNAL_DATA_THRESHOLD", 10**12)
     assert cli("resnet18", *SMALL, "-o", out, "--overwrite").code == 0
     assert sorted(path.name for path in out.iterdir() if not path.name.startswith(".")) == [
-        "model.onnx", "model.safetensors", "report.json"
-    ]  # fmt: skip
+        "model.onnx",
+        "model.safetensors",
+        "report.json",
+    ]

@@ -18,9 +18,14 @@ from .conftest import assert_one_line_error, fake_earlier_output, snapshot
 
 FAST = ("resnet18", "--no-pretrained", "--image-size", "16", "--batch-size", "256", "--eval-examples", "16")
 METRIC_KEYS = {
-    "accuracy", "curvature_mean", "curvature_std", "hessian_norm_mean", "grad_norm_mean",
-    "pgd_l2_accuracy", "pgd_linf_accuracy",
-}  # fmt: skip
+    "accuracy",
+    "curvature_mean",
+    "curvature_std",
+    "hessian_norm_mean",
+    "grad_norm_mean",
+    "pgd_l2_accuracy",
+    "pgd_linf_accuracy",
+}
 
 
 def lcnn_convert(*args) -> list[str]:
@@ -35,9 +40,14 @@ def test_finetune_digits_writes_metrics_plots_and_checkpoint(tmp_path, cli):
     assert "accuracy, curvature and robustness" in result.out and "finetuned" in result.out
     names = sorted(path.name for path in out.iterdir() if not path.name.startswith("."))
     assert names == [
-        "checkpoint.pt", "curvature.png", "model.onnx", "model.safetensors", "report.json", "robustness.png",
+        "checkpoint.pt",
+        "curvature.png",
+        "model.onnx",
+        "model.safetensors",
+        "report.json",
+        "robustness.png",
         "training.png",
-    ]  # fmt: skip
+    ]
     report = json.loads((out / "report.json").read_text())
     assert report["dataset"] == "digits" and report["num_classes"] == 10
     assert set(report["metrics"]) == {"original", "converted", "finetuned"}
@@ -136,10 +146,19 @@ def test_kill_minus_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     resumed = subprocess.run(lcnn_convert(*args, "-o", out, "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after epoch" in resumed.stderr
-    expected, actual = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    expected, actual = (
+        load_file(str(tmp_path / "straight" / "model.safetensors")),
+        load_file(str(out / "model.safetensors")),
+    )
     assert expected.keys() == actual.keys()
-    differing = {key: (expected[key] - actual[key]).abs().max().item() for key in expected if not torch.equal(expected[key], actual[key])}
-    assert not differing, f"{len(differing)} of {len(expected)} tensors differ, e.g. {dict(list(differing.items())[:5])}"
+    differing = {
+        key: (expected[key] - actual[key]).abs().max().item()
+        for key in expected
+        if not torch.equal(expected[key], actual[key])
+    }
+    assert not differing, (
+        f"{len(differing)} of {len(expected)} tensors differ, e.g. {dict(list(differing.items())[:5])}"
+    )
     report = json.loads((out / "report.json").read_text())
     reference = json.loads((tmp_path / "straight" / "report.json").read_text())
     assert report["metrics"] == reference["metrics"]
@@ -172,9 +191,14 @@ def test_kill_minus_9_during_export_then_resume_completes(tmp_path):
     report = json.loads(resumed.stdout)
     assert report["parity"]["passed"] and report["finetune"]["epochs"] == 1
     assert sorted(path.name for path in out.iterdir() if not path.name.startswith(".")) == [
-        "checkpoint.pt", "curvature.png", "model.onnx", "model.safetensors", "report.json", "robustness.png",
+        "checkpoint.pt",
+        "curvature.png",
+        "model.onnx",
+        "model.safetensors",
+        "report.json",
+        "robustness.png",
         "training.png",
-    ]  # fmt: skip
+    ]
     assert not (out / ".lcnn-partial").exists()
 
 

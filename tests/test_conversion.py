@@ -25,7 +25,10 @@ from .conftest import randomize_batchnorms
 ARCHITECTURES = {
     "tv-resnet18": (lambda: torchvision.models.resnet18(num_classes=10), dict(act=17, bn=20, lin=21)),
     "tv-densenet121": (lambda: torchvision.models.densenet121(num_classes=10), dict(act=121, bn=121, lin=121)),
-    "tv-mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), dict(act=42, bn=34, lin=54)),
+    "tv-mobilenet_v3_small": (
+        lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
+        dict(act=42, bn=34, lin=54),
+    ),
     "timm-resnet18": (lambda: timm.create_model("resnet18", num_classes=10), dict(act=17, bn=20, lin=21)),
     "timm-efficientnet_b0": (lambda: timm.create_model("efficientnet_b0", num_classes=10), dict(act=65, bn=49, lin=82)),
     "timm-regnetx_002": (lambda: timm.create_model("regnetx_002", num_classes=10), dict(act=40, bn=44, lin=45)),
@@ -207,7 +210,9 @@ def test_inplace_relus_are_replaced_with_their_readers_rewired():
         # Without rewiring the readers would see the pre-activation values: a large difference.
         model_without_relu = InplaceNet()
         model_without_relu.load_state_dict(model.state_dict())
-        assert (converted(x) - reference).abs().max() < (model_without_relu.eval().fc(torch.zeros(4, 8)) - reference).abs().max()
+        assert (converted(x) - reference).abs().max() < (
+            model_without_relu.eval().fc(torch.zeros(4, 8)) - reference
+        ).abs().max()
 
 
 class FunctionalBatchNormNet(nn.Module):
@@ -304,8 +309,11 @@ class GatedBlock(nn.Module):
 
 
 def test_activations_and_batchnorms_inside_blocks_fx_keeps_whole_are_swapped_exactly(images):
-    model = randomize_batchnorms(nn.Sequential(nn.Conv2d(3, 8, 3), GatedBlock(8), GatedBlock(8), nn.AdaptiveAvgPool2d(1),
-                                               nn.Flatten(), nn.Linear(8, 5))).eval()  # fmt: skip
+    model = randomize_batchnorms(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3), GatedBlock(8), GatedBlock(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)
+        )
+    ).eval()
     x = images[:, :, :16, :16]
     converted = lc.convert(model, x)
     report = converted.conversion_report
@@ -362,7 +370,14 @@ def test_curvature_bound_is_finite_for_resnets_and_explained_otherwise(images):
     assert mobilenet.conversion_report.curvature_bound is None
     assert "mul" in mobilenet.conversion_report.bound_notes[0]
     as_dict = report.to_dict()
-    assert set(as_dict) >= {"activations_replaced", "batchnorms_replaced", "layers_normalized", "skipped", "method", "curvature_bound"}
+    assert set(as_dict) >= {
+        "activations_replaced",
+        "batchnorms_replaced",
+        "layers_normalized",
+        "skipped",
+        "method",
+        "curvature_bound",
+    }
 
 
 def _hessian_norm(model: nn.Module, x: torch.Tensor, direction: torch.Tensor, iterations: int = 30) -> float:
@@ -382,10 +397,15 @@ def _hessian_norm(model: nn.Module, x: torch.Tensor, direction: torch.Tensor, it
 def test_data_free_bound_is_above_measured_curvature():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 36, 3),
-    )  # fmt: skip
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 36, 3),
+    )
     model = randomize_batchnorms(model).double()
     converted = lc.convert(model, torch.randn(2, 2, 6, 6, dtype=torch.float64), beta=4.0).double().eval()
     bound = converted.conversion_report.curvature_bound
@@ -406,10 +426,15 @@ def test_softplus_sync_and_frozen_batchnorms_are_converted_exactly():
         frozen.running_var.uniform_(0.5, 2.0)
         frozen.weight.uniform_(0.5, 1.5)
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.Softplus(beta=2.0),
-        nn.Conv2d(4, 4, 3), frozen, nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
-    )  # fmt: skip
+        nn.Conv2d(3, 4, 3),
+        nn.SyncBatchNorm(4),
+        nn.Softplus(beta=2.0),
+        nn.Conv2d(4, 4, 3),
+        frozen,
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3),
+    )
     model = randomize_batchnorms(model)
     x = torch.randn(4, 3, 8, 8)
     converted = lc.convert(model, x, beta=1e4)
@@ -459,7 +484,10 @@ def test_a_shared_batchnorm_stays_shared_while_each_relu_site_gets_its_own_beta(
     assert report.batchnorms_replaced == ["bn"] and report.activations_replaced == ["act", "act_1"]
     calls = [node.target for node in converted.graph.nodes if node.op == "call_module"]
     assert calls.count("bn") == 2
-    assert isinstance(converted.get_submodule("conv"), NormalizedConv) and converted.get_submodule("conv").scale is not None
+    assert (
+        isinstance(converted.get_submodule("conv"), NormalizedConv)
+        and converted.get_submodule("conv").scale is not None
+    )
     with torch.no_grad():
         assert relative_error(converted(x), model(x)) <= 1e-3
 

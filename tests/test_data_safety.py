@@ -106,8 +106,10 @@ def test_a_second_run_refuses_while_another_holds_the_directory(cli, tmp_path, e
     out = tmp_path / "out"
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(out), *([elsewhere] if elsewhere else [])],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "holding"
         for extra in ((), ("--overwrite",)):
@@ -129,8 +131,10 @@ def test_a_second_run_refuses_while_another_holds_the_directory(cli, tmp_path, e
 @pytest.mark.slow
 def test_two_runs_started_together_one_wins_one_refuses(tmp_path):
     out = tmp_path / "out"
-    runs = [subprocess.Popen(console_script(*TINY, "-o", out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True) for _ in range(2)]  # fmt: skip
+    runs = [
+        subprocess.Popen(console_script(*TINY, "-o", out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     results = [(run.wait(timeout=600), run.stderr.read()) for run in runs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 1], results
@@ -153,10 +157,13 @@ def test_symlinked_output_and_mount_point_are_written_where_they_point(cli, tmp_
     # may mount a tmpfs it is real; elsewhere every rename/rmdir of the directory itself fails.
     mount = tmp_path / "mount"
     mount.mkdir()
-    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mount)],
-                                                   capture_output=True).returncode == 0  # fmt: skip
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mount)], capture_output=True).returncode == 0
+    )
     try:
         if not mounted:
+
             def busy_if_mount(function):
                 def guarded(*paths, **kwargs):
                     if any(Path(path) == mount for path in paths):
@@ -219,9 +226,14 @@ def test_batches_of_one_image_train(tmp_path):
     data = TensorDataset(torch.randn(5, 3, 16, 16, generator=generator), torch.tensor([0, 1, 2, 3, 4]))
     # a BatchNorm on a 1x1 feature map, as at the end of a resnet at small sizes
     original = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.BatchNorm2d(8), torch.nn.Flatten(), torch.nn.Linear(8, 5),
-    ).eval()  # fmt: skip
+        torch.nn.Conv2d(3, 8, 3, stride=2),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 5),
+    ).eval()
     model = lc.convert(original, beta=5.0)
     for batch_size in (4, 1):  # 5 = 4 + 1: a last batch of one; and batch size 1 throughout
         result = finetune(model, data, data, FinetuneConfig(epochs=1, batch_size=batch_size, lr=1e-3))
@@ -290,10 +302,14 @@ def test_damaged_lcnn_metadata_and_checkpoints_are_one_line(cli, tmp_path):
             lc.load(weights)
     out = tmp_path / "out"
     (out / STAGING_DIR).mkdir(parents=True)
-    for content, message in ((torch.zeros(3), "holds a Tensor, not a training checkpoint"),
-                             ({"model": {}}, "not a training checkpoint of lcnn-convert")):  # fmt: skip
+    for content, message in (
+        (torch.zeros(3), "holds a Tensor, not a training checkpoint"),
+        ({"model": {}}, "not a training checkpoint of lcnn-convert"),
+    ):
         torch.save(content, out / STAGING_DIR / "checkpoint.pt")
-        assert_one_line_error(cli(*FAST, "--finetune", "digits", "-o", out, "--resume"), "cannot read checkpoint", message)
+        assert_one_line_error(
+            cli(*FAST, "--finetune", "digits", "-o", out, "--resume"), "cannot read checkpoint", message
+        )
 
 
 def test_ctrl_c_while_importing_is_one_line(tmp_path):
@@ -336,9 +352,12 @@ def test_a_stopped_finetune_says_what_is_kept_and_resumes(tmp_path, stop):
     # A job started in the background by a non-interactive shell inherits SIGINT ignored, and Python
     # then keeps it ignored: give the child the default disposition, as a terminal would.
     process = subprocess.Popen(
-        console_script(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        console_script(*args),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
+    )
     lines = []
     for line in process.stderr:
         lines.append(line)
@@ -384,8 +403,10 @@ def test_sixteen_bit_images_are_decoded_not_clipped(tmp_path):
 
 def test_decompression_bombs_are_refused_in_one_line(cli, tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 32 * 32)  # the same check as for a 13500x13500 PNG, small
-    root = image_folder(tmp_path / "data", {label: [Image.new("RGB", (16, 16), label_colour)]
-                                            for label, label_colour in (("a", "red"), ("b", "blue"))})  # fmt: skip
+    root = image_folder(
+        tmp_path / "data",
+        {label: [Image.new("RGB", (16, 16), label_colour)] for label, label_colour in (("a", "red"), ("b", "blue"))},
+    )
     Image.new("L", (200, 200)).save(root / "val" / "a" / "bomb.png")
     result = cli(*FAST, "--eval", f"folder:{root}", "-o", tmp_path / "out")
     assert_one_line_error(result, "bomb.png", "decompression bomb")
@@ -395,8 +416,10 @@ def test_decompression_bombs_are_refused_in_one_line(cli, tmp_path, monkeypatch)
 def test_a_directory_loop_is_not_followed(tmp_path):
     from lcnn_convert.data import load_dataset
 
-    root = image_folder(tmp_path / "data", {label: [Image.new("RGB", (8, 8), colour)] * 3
-                                            for label, colour in (("a", "red"), ("b", "blue"))})  # fmt: skip
+    root = image_folder(
+        tmp_path / "data",
+        {label: [Image.new("RGB", (8, 8), colour)] * 3 for label, colour in (("a", "red"), ("b", "blue"))},
+    )
     (root / "train" / "a" / "loop").symlink_to(root / "train" / "a", target_is_directory=True)
     (root / "train" / "b" / "up").symlink_to(root / "train", target_is_directory=True)
     splits = load_dataset(f"folder:{root}", image_size=8)
@@ -467,7 +490,9 @@ def test_verify_checks_report_json_and_catches_flipped_bits(cli, written, tmp_pa
 
 def test_convert_checks_its_arguments():
     model = lc.load_model("resnet18", pretrained=False, num_classes=3)
-    with pytest.raises(TypeError, match=r"nn.Module, got str; load one by name with lcnn_convert.load_model\('resnet18'\)"):
+    with pytest.raises(
+        TypeError, match=r"nn.Module, got str; load one by name with lcnn_convert.load_model\('resnet18'\)"
+    ):
         lc.convert("resnet18")
     with pytest.raises(TypeError, match="torch.Tensor.*numpy.ndarray; convert it with torch.from_numpy"):
         lc.convert(model, np.zeros((4, 3, 16, 16), dtype=np.float32))

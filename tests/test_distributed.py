@@ -27,8 +27,19 @@ from .conftest import snapshot
 BIN = Path(sys.executable).parent
 # Same global batch and seed in both runs; DistributedSampler gives the two ranks the halves of
 # the single process's batches, so only the per-rank BatchNorm batch statistics differ.
-SMALL = ("resnet18", "--no-pretrained", "--image-size", "16", "--batch-size", "64", "--epochs", "2",
-         "--eval-examples", "8", "--json")  # fmt: skip
+SMALL = (
+    "resnet18",
+    "--no-pretrained",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "64",
+    "--epochs",
+    "2",
+    "--eval-examples",
+    "8",
+    "--json",
+)
 ACCURACY_TOLERANCE = 0.05  # absolute (measured: 0.56 pt, 95.56% vs 95.00%)
 LOSS_TOLERANCE = 0.05  # relative, last epoch's mean training loss (measured: 1.3%)
 
@@ -41,16 +52,24 @@ def _free_port() -> int:
 
 def _torchrun(*args, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
     command = [
-        str(BIN / "torchrun"), "--nnodes=1", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}", "--no-python", str(BIN / "lcnn-convert"), *map(str, args),
-    ]  # fmt: skip
+        str(BIN / "torchrun"),
+        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "--no-python",
+        str(BIN / "lcnn-convert"),
+        *map(str, args),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _single(*args, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([str(BIN / "lcnn-convert"), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [str(BIN / "lcnn-convert"), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 @pytest.mark.slow
@@ -61,7 +80,15 @@ def test_two_gloo_processes_match_a_single_process_run(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
 
     names = sorted(path.name for path in (tmp_path / "ddp").iterdir() if not path.name.startswith("."))
-    assert names == ["checkpoint.pt", "curvature.png", "model.onnx", "model.safetensors", "report.json", "robustness.png", "training.png"]
+    assert names == [
+        "checkpoint.pt",
+        "curvature.png",
+        "model.onnx",
+        "model.safetensors",
+        "report.json",
+        "robustness.png",
+        "training.png",
+    ]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["ddp", "single"]  # no other rank wrote anything
     report = json.loads((tmp_path / "ddp" / "report.json").read_text())
     reference = json.loads((tmp_path / "single" / "report.json").read_text())
@@ -97,8 +124,20 @@ def test_a_failing_rank_stops_the_job_and_keeps_the_last_checkpoint(tmp_path):
     data = tmp_path / "data"
     _write_folder_dataset(data)
     out = tmp_path / "out"
-    common = ("resnet18", "--no-pretrained", "--image-size", "16", "--batch-size", "8", "--eval-examples", "4",
-              "--finetune", f"folder:{data}", "-o", out)  # fmt: skip
+    common = (
+        "resnet18",
+        "--no-pretrained",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "8",
+        "--eval-examples",
+        "4",
+        "--finetune",
+        f"folder:{data}",
+        "-o",
+        out,
+    )
     first = _torchrun(*common, "--epochs", "1")
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoint = (out / "checkpoint.pt").read_bytes()
@@ -124,10 +163,16 @@ def _rank_worker(rank: int, world_size: int, port: int, out: str) -> None:
     try:
         torch.manual_seed(0)
         model = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
-        )  # fmt: skip
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 3),
+        )
         generator = torch.Generator().manual_seed(1)
         images = torch.randn(48, 3, 8, 8, generator=generator)
         labels = torch.randint(0, 3, (48,), generator=generator)

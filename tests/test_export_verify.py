@@ -182,7 +182,9 @@ def test_top1_gate_tolerates_near_ties_but_not_real_flips(tmp_path):
     tied = torch.tensor([[1.0, 1.0 + 1e-6, 0.0], [2.0, 1.0, 0.0]])
     path = export_onnx(Fixed(tied), tmp_path / "tied.onnx", torch.zeros(1, 2))
     # PyTorch breaks the near-tie the other way: not counted as a disagreement.
-    near = verify_onnx(Fixed(torch.tensor([[1.0 + 2e-6, 1.0, 0.0], [2.0, 1.0, 0.0]])), path, torch.zeros(2, 2), num_random=0)
+    near = verify_onnx(
+        Fixed(torch.tensor([[1.0 + 2e-6, 1.0, 0.0], [2.0, 1.0, 0.0]])), path, torch.zeros(2, 2), num_random=0
+    )
     assert near.passed and near.near_ties == 1 and near.top1_agreement == 1.0 and near.top1_exact_agreement == 0.5
     # A flip with a real margin fails the top-1 gate even though it is within atol.
     flipped = Fixed(torch.tensor([[1.0 + 5e-5, 1.0, 0.0], [2.0, 1.0, 0.0]]))
@@ -194,7 +196,9 @@ def test_top1_gate_tolerates_near_ties_but_not_real_flips(tmp_path):
 def test_exporter_fallback_prints_nothing(tmp_path, capfd):
     """The TorchScript exporter prints its whole IR from C++ (to fd 1) when it gives up on a graph
     such as an adaptive pool to a size that does not divide its input; the fallback exports it."""
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.AdaptiveAvgPool2d(6), torch.nn.Flatten()).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.AdaptiveAvgPool2d(6), torch.nn.Flatten()
+    ).eval()
     x = torch.randn(2, 3, 16, 16)
     path = export_onnx(model, tmp_path / "pool.onnx", x[:1])
     captured = capfd.readouterr()

@@ -40,15 +40,28 @@ def test_data_free_conversion_is_faithful_and_about_as_smooth_as_real_calibratio
 
 
 def _convert_cli(cli, entry: TrainedDigitsModel, out, *options: str):
-    result = cli(entry.name, "--weights", entry.weights, "--num-classes", "10", "--image-size", str(entry.image_size),
-                 "-o", out, "--overwrite", *options)  # fmt: skip
+    result = cli(
+        entry.name,
+        "--weights",
+        entry.weights,
+        "--num-classes",
+        "10",
+        "--image-size",
+        str(entry.image_size),
+        "-o",
+        out,
+        "--overwrite",
+        *options,
+    )
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
     return result, report
 
 
 def test_cli_calibrates_on_the_dataset_and_measures_fidelity_on_its_test_split(digits_models, cli, tmp_path):
     entry = digits_models["torchvision:resnet18"]
-    result, report = _convert_cli(cli, entry, tmp_path / "out", "--calibrate", "digits", "--calibration-examples", "128")
+    result, report = _convert_cli(
+        cli, entry, tmp_path / "out", "--calibrate", "digits", "--calibration-examples", "128"
+    )
     assert result.code == 0, result.err
     fidelity = report["fidelity"]
     assert fidelity["source"] == "digits test" and fidelity["num_inputs"] == 360 and not fidelity["synthetic"]
@@ -89,11 +102,15 @@ def test_mean_and_std_change_what_the_original_scores_and_a_wrong_pair_is_caught
     options = ("--eval", "digits", "--eval-examples", "16")
     result, right = _convert_cli(cli, entry, tmp_path / "right", *options)
     assert result.code == 0, result.err
-    result, wrong = _convert_cli(cli, entry, tmp_path / "wrong", *options, "--mean", "0", "0", "0", "--std", "1", "1", "1")
+    result, wrong = _convert_cli(
+        cli, entry, tmp_path / "wrong", *options, "--mean", "0", "0", "0", "--std", "1", "1", "1"
+    )
     assert wrong["preprocessing"]["mean"] == [0, 0, 0] and wrong["preprocessing"]["source"] == "--mean, --std"
     assert wrong["metrics"]["original"]["accuracy"] < right["metrics"]["original"]["accuracy"] - 0.3
     warnings = [line for line in result.err.splitlines() if line.startswith("warning:")]
-    assert any("preprocessing is probably wrong" in line and "ImageNet mean/std" in line for line in warnings), result.err
+    assert any("preprocessing is probably wrong" in line and "ImageNet mean/std" in line for line in warnings), (
+        result.err
+    )
 
 
 def test_a_head_in_another_label_order_scores_near_chance_and_is_warned_about(digits_models, cli, tmp_path):
@@ -103,6 +120,8 @@ def test_a_head_in_another_label_order_scores_near_chance_and_is_warned_about(di
     state["fc.weight"], state["fc.bias"] = state["fc.weight"][order], state["fc.bias"][order]
     shuffled = tmp_path / "shuffled.pth"
     torch.save(state, shuffled)
-    result = cli(entry.name, "--weights", shuffled, "--calibrate", "digits", "--image-size", "16", "-o", tmp_path / "out")
+    result = cli(
+        entry.name, "--weights", shuffled, "--calibrate", "digits", "--image-size", "16", "-o", tmp_path / "out"
+    )
     warnings = [line for line in result.err.splitlines() if line.startswith("warning:")]
     assert any("near chance" in line and "label order" in line for line in warnings), result.err

@@ -48,5 +48,9 @@ def test_measure_fidelity_runs_both_models_in_eval_mode_and_restores_their_modes
     original.train()
     inputs = torch.randn(300, 4, generator=torch.Generator().manual_seed(1))
     fidelity = measure_fidelity(original, converted, inputs, "random")  # batched by FIDELITY_BATCH
-    assert fidelity.top1_agreement == 1.0 and fidelity.num_inputs == 300 and math.isclose(fidelity.kl_mean, 0, abs_tol=1e-12)
+    assert (
+        fidelity.top1_agreement == 1.0
+        and fidelity.num_inputs == 300
+        and math.isclose(fidelity.kl_mean, 0, abs_tol=1e-12)
+    )
     assert original.training

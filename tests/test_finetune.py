@@ -11,7 +11,14 @@ from torch.utils.data import TensorDataset
 
 import lcnn_convert as lc
 from lcnn_convert.errors import InvalidSetting
-from lcnn_convert.finetune import BETA_LR_FACTOR, FinetuneConfig, _parameter_groups, finetune, load_checkpoint, regularisers
+from lcnn_convert.finetune import (
+    BETA_LR_FACTOR,
+    FinetuneConfig,
+    _parameter_groups,
+    finetune,
+    load_checkpoint,
+    regularisers,
+)
 
 from .conftest import SmallDigitsNet
 
@@ -59,7 +66,9 @@ def test_finetuning_learns_and_the_beta_penalty_lowers_beta(digits, digit_tensor
         assert record.loss == pytest.approx(
             record.label_loss + record.beta_term + record.gamma_term + record.grad_term, rel=1e-5
         )
-    with_penalty = finetune(converted_net(digits), train, test, FinetuneConfig(epochs=1, batch_size=64, lambda_grad=1.0))
+    with_penalty = finetune(
+        converted_net(digits), train, test, FinetuneConfig(epochs=1, batch_size=64, lambda_grad=1.0)
+    )
     assert with_penalty.history[0].grad_term > 0
 
 
@@ -98,7 +107,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits, digit_tensors
             model.get_submodule("fc").weight.fill_(float("nan"))
 
     config = FinetuneConfig(epochs=3, batch_size=64)
-    with pytest.raises(lc.LcnnError, match=r"loss became nan at epoch 2, step 9; stopped, the last good checkpoint \(epoch 1\)"):
+    with pytest.raises(
+        lc.LcnnError, match=r"loss became nan at epoch 2, step 9; stopped, the last good checkpoint \(epoch 1\)"
+    ):
         finetune(model, train, test, config, checkpoint_path=checkpoint, on_epoch_end=poison)
     state = load_checkpoint(checkpoint)
     assert state["epoch"] == 1

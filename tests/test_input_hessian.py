@@ -54,7 +54,9 @@ def test_conv_stand_in_matches_the_conv_through_second_order(name):
     stand_in = InputGradientConv.from_conv(conv)
     x = torch.randn(3, 4, *spatial, dtype=torch.float64)
     direction = torch.randn_like(x)
-    for expected, actual in zip(input_hessian_products(conv, x, direction), input_hessian_products(stand_in, x, direction)):
+    for expected, actual in zip(
+        input_hessian_products(conv, x, direction), input_hessian_products(stand_in, x, direction)
+    ):
         torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
     # The stand-in's own backward is differentiable twice (float64 finite differences).
     probe = torch.randn(1, 4, *spatial, dtype=torch.float64, requires_grad=True)
@@ -70,7 +72,9 @@ def test_normalized_conv_stand_in_uses_its_normalized_weight_and_scale():
     normalized.eval()
     stand_in = InputGradientConv.from_conv(normalized)
     x, direction = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
-    for expected, actual in zip(input_hessian_products(normalized, x, direction), input_hessian_products(stand_in, x, direction)):
+    for expected, actual in zip(
+        input_hessian_products(normalized, x, direction), input_hessian_products(stand_in, x, direction)
+    ):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -98,7 +102,9 @@ def test_softplus_stand_in_matches_the_layer_through_second_order(dtype):
     x = torch.cat([torch.linspace(-12, 12, 241), torch.randn(40) * 1e-3]).to(dtype).view(1, -1)
     direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-14}
-    for expected, actual in zip(input_hessian_products(layer, x, direction), input_hessian_products(stand_in, x, direction)):
+    for expected, actual in zip(
+        input_hessian_products(layer, x, direction), input_hessian_products(stand_in, x, direction)
+    ):
         torch.testing.assert_close(actual, expected, **tolerance)
 
 
@@ -138,10 +144,15 @@ def test_hessian_vector_product_takes_two_convolutions_per_layer_instead_of_thre
     torch.manual_seed(0)
     model = randomize_batchnorms(
         nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), CenteredSoftplus(beta=2.0),
-            nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), CenteredSoftplus(beta=2.0),
-            nn.Flatten(), nn.Linear(8 * 4 * 4, 5),
-        )  # fmt: skip
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            CenteredSoftplus(beta=2.0),
+            nn.Conv2d(8, 8, 3, stride=2, padding=1),
+            nn.BatchNorm2d(8),
+            CenteredSoftplus(beta=2.0),
+            nn.Flatten(),
+            nn.Linear(8 * 4 * 4, 5),
+        )
     ).eval()
     fast = copy.deepcopy(model)
     assert len(swap_for_input_hessian(fast)) == 6
@@ -167,20 +178,29 @@ def test_curvature_through_the_stand_ins_is_the_exact_hessian_norm():
     torch.manual_seed(0)
     model = randomize_batchnorms(
         nn.Sequential(
-            nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), CenteredSoftplus(beta=1.5),
-            nn.Conv2d(3, 2, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(8, 4),
-        )  # fmt: skip
+            nn.Conv2d(1, 3, 3, padding=1),
+            nn.BatchNorm2d(3),
+            CenteredSoftplus(beta=1.5),
+            nn.Conv2d(3, 2, 3, stride=2, padding=1),
+            nn.Flatten(),
+            nn.Linear(8, 4),
+        )
     ).double()
     images = torch.randn(3, 1, 4, 4, dtype=torch.float64)
     labels = torch.tensor([0, 2, 3])
     hessian_norms, grad_norms = exact_norms(model.eval(), images, labels)
     for input_only in (True, False):
         per_example = [
-            estimate_curvature(model, (images[i : i + 1], labels[i : i + 1]), iterations=40, input_only_products=input_only)
+            estimate_curvature(
+                model, (images[i : i + 1], labels[i : i + 1]), iterations=40, input_only_products=input_only
+            )
             for i in range(3)
         ]
         torch.testing.assert_close(
-            torch.tensor([stats.hessian_norm_mean for stats in per_example], dtype=torch.float64), torch.from_numpy(hessian_norms), rtol=1e-6, atol=0
+            torch.tensor([stats.hessian_norm_mean for stats in per_example], dtype=torch.float64),
+            torch.from_numpy(hessian_norms),
+            rtol=1e-6,
+            atol=0,
         )
 
 

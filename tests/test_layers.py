@@ -92,7 +92,9 @@ def _trained_bn(kind=nn.BatchNorm2d, channels=6, seed=0):
     return bn
 
 
-@pytest.mark.parametrize("kind,shape", [(nn.BatchNorm1d, (5, 6)), (nn.BatchNorm2d, (5, 6, 7, 7)), (nn.BatchNorm3d, (5, 6, 3, 4, 4))])
+@pytest.mark.parametrize(
+    "kind,shape", [(nn.BatchNorm1d, (5, 6)), (nn.BatchNorm2d, (5, 6, 7, 7)), (nn.BatchNorm3d, (5, 6, 3, 4, 4))]
+)
 def test_lipschitz_bn_equals_original_exactly_in_eval(kind, shape):
     bn = _trained_bn(kind).eval()
     layer = LipschitzBatchNorm.from_batchnorm(bn).eval()
@@ -255,9 +257,13 @@ def test_derivatives_from_the_output_pass_gradcheck_in_both_modes(log_beta):
     beta = torch.tensor(log_beta, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_CenteredSoftplusFunction.apply, (x, beta))
     assert torch.autograd.gradcheck(
-        _CenteredSoftplusFunction.apply, (x, beta), check_forward_ad=True, check_backward_ad=False,
-        check_undefined_grad=False, check_batched_grad=False,
-    )  # fmt: skip
+        _CenteredSoftplusFunction.apply,
+        (x, beta),
+        check_forward_ad=True,
+        check_backward_ad=False,
+        check_undefined_grad=False,
+        check_batched_grad=False,
+    )
     assert torch.autograd.gradgradcheck(_CenteredSoftplusFunction.apply, (x, beta))
 
 
@@ -333,9 +339,17 @@ def test_output_side_division_by_sigma_matches_the_normalized_weight():
     torch.testing.assert_close(layer.weight.grad, weight.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("kernel, stride, padding, dilation, groups", [
-    (3, 1, 1, 1, 1), (3, 2, 1, 1, 2), (5, 1, 2, 1, 1), (5, 1, 4, 2, 1), (3, 1, 2, 2, 2), (1, 1, 0, 1, 1),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation, groups",
+    [
+        (3, 1, 1, 1, 1),
+        (3, 2, 1, 1, 2),
+        (5, 1, 2, 1, 1),
+        (5, 1, 4, 2, 1),
+        (3, 1, 2, 2, 2),
+        (1, 1, 0, 1, 1),
+    ],
+)
 def test_a_conv_on_a_one_pixel_input_runs_as_its_single_tap(kernel, stride, padding, dilation, groups):
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups)

@@ -151,11 +151,14 @@ def test_a_robustness_curve_never_rises_and_is_at_least_as_strong_as_pgd(trained
         survive_plain = trained_digits_net(adversarial).argmax(-1) == labels
     survive = _unbroken_by_pgd(trained_digits_net.eval(), images, labels, "linf", eps, 10, DIGITS_MEAN, DIGITS_STD)
     assert not (survive & ~survive_plain).any() and curve.at(eps) <= survive_plain.float().mean().item()
-    stopped = robustness_curve(trained_digits_net, (images, labels), "linf", budgets, stop_below=CURVE_STOP_BELOW,
-                               stop_from=eps, **options)  # fmt: skip
+    stopped = robustness_curve(
+        trained_digits_net, (images, labels), "linf", budgets, stop_below=CURVE_STOP_BELOW, stop_from=eps, **options
+    )
     assert stopped.accuracies == curve.accuracies[: len(stopped.accuracies)]
     assert stopped.accuracies[-1] < CURVE_STOP_BELOW or stopped.epsilons == curve.epsilons
-    assert all(accuracy >= CURVE_STOP_BELOW for accuracy, e in zip(stopped.accuracies[:-1], stopped.epsilons) if e >= eps)
+    assert all(
+        accuracy >= CURVE_STOP_BELOW for accuracy, e in zip(stopped.accuracies[:-1], stopped.epsilons) if e >= eps
+    )
     assert curve.at(0.123) is None
 
 
@@ -196,8 +199,22 @@ def test_the_default_finetune_reaches_the_lcnn_bar(name, activation, digits_mode
     pipeline's own report."""
     trained = digits_models[name]
     out = tmp_path / "out"
-    result = cli(name, "--weights", trained.weights, "--num-classes", "10", "--image-size", str(trained.image_size),
-                 "--finetune", "digits", "--activation", activation, "-o", out, "--json")  # fmt: skip
+    result = cli(
+        name,
+        "--weights",
+        trained.weights,
+        "--num-classes",
+        "10",
+        "--image-size",
+        str(trained.image_size),
+        "--finetune",
+        "digits",
+        "--activation",
+        activation,
+        "-o",
+        out,
+        "--json",
+    )
     assert result.code == 0, result.err
     report = json.loads(result.out)
     original, finetuned = report["metrics"]["original"], report["metrics"]["finetuned"]

@@ -297,9 +297,16 @@ def convolutions(draw):
         size.append(draw(st.integers(low, max(low, 6 if dims == 2 else 9))))
     bias = draw(st.booleans())
     conv = CONV_TYPES[dims](
-        in_channels, out_channels, kernel, stride=stride, padding=padding, dilation=dilation,
-        groups=groups, bias=bias, padding_mode=padding_mode,
-    )  # fmt: skip
+        in_channels,
+        out_channels,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        padding_mode=padding_mode,
+    )
     seed = draw(seeds)
     g = generator(seed)
     with torch.no_grad():
@@ -507,8 +514,18 @@ POOLS = {
 class TinyNet(nn.Module):
     """conv -> BN -> ReLU -> conv -> BN (-> + skip) -> ReLU -> pool -> flatten -> linear."""
 
-    def __init__(self, channels: int, width: int, kernel: int, stride: int, residual: bool, pool: str,
-                 classes: int, size: int, bias: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        channels: int,
+        width: int,
+        kernel: int,
+        stride: int,
+        residual: bool,
+        pool: str,
+        classes: int,
+        size: int,
+        bias: bool,
+    ) -> None:
         super().__init__()
         self.residual = residual
         self.conv1 = nn.Conv2d(channels, width, kernel, padding=kernel // 2, bias=bias)
@@ -638,11 +655,19 @@ class SingleUnit(nn.Module):
 @given(
     seed=seeds,
     beta=log_uniform(0.1, 100.0),
-    layout=st.sampled_from([("none", 1, False), ("none", 2, False), ("none", 1, True), ("none", 2, True),
-                            ("max2", 1, False), ("max2", 2, False)]),
+    layout=st.sampled_from(
+        [
+            ("none", 1, False),
+            ("none", 2, False),
+            ("none", 1, True),
+            ("none", 2, True),
+            ("max2", 1, False),
+            ("max2", 2, False),
+        ]
+    ),
     conv_bias=st.booleans(),
     clip=st.one_of(st.just(None), st.floats(0.2, 1.0)),
-)  # fmt: skip
+)
 def test_curvature_bound_is_attained_by_a_single_unit_network(seed, beta, layout, conv_bias, clip):
     """f(x) = c (s(g x + h) [+ s(g x + h)] [+ x]): the curvature bound, |c| g^2 beta/4 per branch, is
     reached at the bend (g x + h = 0), and the Lipschitz bound |c| (|g| per branch [+ 1]) far right of

@@ -115,72 +115,114 @@ def _softplus(parameters: dict[str, Any], beta: float, activation: str) -> nn.Mo
 
 def _gelu(parameters: dict[str, Any], beta: float, activation: str) -> nn.Module:
     approximate = str(parameters.get("approximate", "none"))
-    return ScaledActivation("gelu", 1.0, calibrated=False, **({"approximate": approximate} if approximate != "none" else {}))
+    return ScaledActivation(
+        "gelu", 1.0, calibrated=False, **({"approximate": approximate} if approximate != "none" else {})
+    )
 
 
 INPLACE = Parameter("inplace", -1, False)
 
 ACTIVATION_FAMILIES: tuple[ActivationFamily, ...] = (
     ActivationFamily(
-        "relu", _relu, modules=(nn.ReLU,), functions=(F.relu, torch.relu, F.relu_, torch.relu_),
-        methods=("relu", "relu_"), inplace_position=1, piecewise_linear=True,
+        "relu",
+        _relu,
+        modules=(nn.ReLU,),
+        functions=(F.relu, torch.relu, F.relu_, torch.relu_),
+        methods=("relu", "relu_"),
+        inplace_position=1,
+        piecewise_linear=True,
         in_place_variants=(F.relu_, torch.relu_, "relu_"),
     ),
     ActivationFamily(
-        "relu6", _piecewise((0.0, 6.0), (1.0, -1.0)), modules=(nn.ReLU6,), functions=(F.relu6,),
-        inplace_position=1, piecewise_linear=True,
+        "relu6",
+        _piecewise((0.0, 6.0), (1.0, -1.0)),
+        modules=(nn.ReLU6,),
+        functions=(F.relu6,),
+        inplace_position=1,
+        piecewise_linear=True,
     ),
     ActivationFamily(
         "leaky_relu",
         _piecewise((0.0,), lambda p: (1.0 - float(p["negative_slope"]),), lambda p: float(p["negative_slope"])),
-        modules=(nn.LeakyReLU,), functions=(F.leaky_relu,), parameters=(Parameter("negative_slope", 1, 0.01),),
-        inplace_position=2, piecewise_linear=True,
+        modules=(nn.LeakyReLU,),
+        functions=(F.leaky_relu,),
+        parameters=(Parameter("negative_slope", 1, 0.01),),
+        inplace_position=2,
+        piecewise_linear=True,
     ),
     ActivationFamily(
         "hardtanh",
         _piecewise(lambda p: (float(p["min_val"]), float(p["max_val"])), (1.0, -1.0), 0.0, _hardtanh_value_at_zero),
-        modules=(nn.Hardtanh,), functions=(F.hardtanh,),
-        parameters=(Parameter("min_val", 1, -1.0), Parameter("max_val", 2, 1.0)), inplace_position=3,
+        modules=(nn.Hardtanh,),
+        functions=(F.hardtanh,),
+        parameters=(Parameter("min_val", 1, -1.0), Parameter("max_val", 2, 1.0)),
+        inplace_position=3,
         piecewise_linear=True,
     ),
     ActivationFamily(
-        "hardsigmoid", _piecewise(HARD_SIGMOID["kinks"], HARD_SIGMOID["weights"], 0.0, HARD_SIGMOID["value_at_zero"]),
-        modules=(nn.Hardsigmoid, *_timm("HardSigmoid")), functions=(F.hardsigmoid,), inplace_position=1,
+        "hardsigmoid",
+        _piecewise(HARD_SIGMOID["kinks"], HARD_SIGMOID["weights"], 0.0, HARD_SIGMOID["value_at_zero"]),
+        modules=(nn.Hardsigmoid, *_timm("HardSigmoid")),
+        functions=(F.hardsigmoid,),
+        inplace_position=1,
         piecewise_linear=True,
     ),
     ActivationFamily(
-        "hardswish", lambda p, beta, activation: SmoothHardswish(beta, relu=activation),
-        modules=(nn.Hardswish, *_timm("HardSwish")), functions=(F.hardswish,), inplace_position=1,
+        "hardswish",
+        lambda p, beta, activation: SmoothHardswish(beta, relu=activation),
+        modules=(nn.Hardswish, *_timm("HardSwish")),
+        functions=(F.hardswish,),
+        inplace_position=1,
         piecewise_linear=True,
     ),
     ActivationFamily(
-        "silu", _scaled("silu"), modules=(nn.SiLU, *_timm("Swish")), functions=(F.silu,), inplace_position=1,
+        "silu",
+        _scaled("silu"),
+        modules=(nn.SiLU, *_timm("Swish")),
+        functions=(F.silu,),
+        inplace_position=1,
     ),
     # x sigmoid(1.702 x) = silu(1.702 x) / 1.702: the SiLU family at beta = 1.702
     ActivationFamily("quick_gelu", _scaled("silu", 1.702), modules=_timm("QuickGELU")),
     ActivationFamily(
         "gelu", _gelu, modules=(nn.GELU,), functions=(F.gelu,), parameters=(Parameter("approximate", 99, "none"),)
     ),
-    ActivationFamily(
-        "gelu_tanh", _scaled("gelu", approximate="tanh"), modules=_timm("GELUTanh")
-    ),
+    ActivationFamily("gelu_tanh", _scaled("gelu", approximate="tanh"), modules=_timm("GELUTanh")),
     ActivationFamily("timm_gelu", _scaled("gelu"), modules=_timm("GELU")),
-    ActivationFamily("mish", _scaled("mish"), modules=(nn.Mish, *_timm("Mish")), functions=(F.mish,), inplace_position=1),
     ActivationFamily(
-        "sigmoid", _scaled("sigmoid"), modules=(nn.Sigmoid, *_timm("Sigmoid")), functions=(torch.sigmoid, F.sigmoid),
-        methods=("sigmoid", "sigmoid_"), in_place_variants=("sigmoid_",),
+        "mish", _scaled("mish"), modules=(nn.Mish, *_timm("Mish")), functions=(F.mish,), inplace_position=1
     ),
     ActivationFamily(
-        "tanh", _scaled("tanh"), modules=(nn.Tanh, *_timm("Tanh")), functions=(torch.tanh, F.tanh),
-        methods=("tanh", "tanh_"), in_place_variants=("tanh_",),
+        "sigmoid",
+        _scaled("sigmoid"),
+        modules=(nn.Sigmoid, *_timm("Sigmoid")),
+        functions=(torch.sigmoid, F.sigmoid),
+        methods=("sigmoid", "sigmoid_"),
+        in_place_variants=("sigmoid_",),
+    ),
+    ActivationFamily(
+        "tanh",
+        _scaled("tanh"),
+        modules=(nn.Tanh, *_timm("Tanh")),
+        functions=(torch.tanh, F.tanh),
+        methods=("tanh", "tanh_"),
+        in_place_variants=("tanh_",),
     ),
     ActivationFamily("softsign", _scaled("softsign"), modules=(nn.Softsign,), functions=(F.softsign,)),
     ActivationFamily(
-        "elu", _scaled("elu"), modules=(nn.ELU,), functions=(F.elu,), parameters=(Parameter("alpha", 1, 1.0),),
+        "elu",
+        _scaled("elu"),
+        modules=(nn.ELU,),
+        functions=(F.elu,),
+        parameters=(Parameter("alpha", 1, 1.0),),
         inplace_position=2,
     ),
     ActivationFamily(
-        "celu", _scaled("celu"), modules=(nn.CELU,), functions=(F.celu,), parameters=(Parameter("alpha", 1, 1.0),),
+        "celu",
+        _scaled("celu"),
+        modules=(nn.CELU,),
+        functions=(F.celu,),
+        parameters=(Parameter("alpha", 1, 1.0),),
         inplace_position=2,
     ),
     ActivationFamily("selu", _scaled("selu"), modules=(nn.SELU,), functions=(F.selu,), inplace_position=1),
@@ -224,8 +266,12 @@ def family_of_call(target: Any) -> ActivationFamily | None:
 
 ACTIVATION_MODULE_TYPES: tuple[type, ...] = tuple(t for family in ACTIVATION_FAMILIES for t in family.modules)
 # Module types fx would otherwise trace into (timm's are plain Modules): kept as single calls.
-LEAF_ACTIVATION_TYPES: tuple[type, ...] = tuple(t for t in ACTIVATION_MODULE_TYPES if not t.__module__.startswith("torch."))
-ACTIVATION_CALL_NAMES: frozenset[str] = frozenset(name for family in ACTIVATION_FAMILIES for name in family.call_names())
+LEAF_ACTIVATION_TYPES: tuple[type, ...] = tuple(
+    t for t in ACTIVATION_MODULE_TYPES if not t.__module__.startswith("torch.")
+)
+ACTIVATION_CALL_NAMES: frozenset[str] = frozenset(
+    name for family in ACTIVATION_FAMILIES for name in family.call_names()
+)
 ACTIVATION_MODULE_NAMES: frozenset[str] = frozenset(t.__name__ for t in ACTIVATION_MODULE_TYPES)
 # Called outside the graph (a model fx cannot trace): every activation function, as torch sees it.
 WATCHED_ACTIVATION_FUNCTIONS: tuple[Callable, ...] = tuple(

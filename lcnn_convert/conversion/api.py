@@ -180,10 +180,12 @@ def convert(
     if not 0 < logit_tolerance < 1:
         raise LcnnError(f"logit_tolerance must lie in (0, 1), got {logit_tolerance}")
     options = ConvertOptions(
-        beta, replace_activations, tuple(default_rules(activation) if rules is None else rules),
+        beta,
+        replace_activations,
+        tuple(default_rules(activation) if rules is None else rules),
         logit_tolerance=logit_tolerance,
         input_size=None if input_size is None else tuple(int(size) for size in input_size),
-    )  # fmt: skip
+    )
     example = _as_tuple(example_inputs)
     held_out = _as_tuple(held_out_inputs, "held_out_inputs")
     data = None
@@ -210,9 +212,7 @@ def synthetic_calibration_data(
     return split_examples((inputs,), "synthetic from BatchNorm statistics", synthetic=True)
 
 
-def convert_with_options(
-    model: nn.Module, data: CalibrationData | None, options: ConvertOptions
-) -> nn.Module:
+def convert_with_options(model: nn.Module, data: CalibrationData | None, options: ConvertOptions) -> nn.Module:
     """``convert`` with its inputs already sorted: ``data`` calibrates beta (when options.beta is
     "auto") and measures fidelity. Without data, a model whose BatchNorms hold trained statistics
     is calibrated on inputs synthesised from them."""
@@ -273,15 +273,22 @@ def convert_with_options(
     sites = [m for m in converted.modules() if isinstance(m, SmoothActivation) and m.calibrated]
     if calibrate and sites:
         result = calibrate_beta(
-            converted, sites, example, reference,
+            converted,
+            sites,
+            example,
+            reference,
             min_agreement=None if data.synthetic else options.min_agreement,
             logit_tolerance=options.logit_tolerance,
-        )  # fmt: skip
+        )
         report.beta = BetaChoice(
-            "auto", calibration_data=data.source, sharpness=result.sharpness, top1_agreement=result.top1_agreement,
-            mean_relative_logit_error=result.mean_relative_logit_error, logit_tolerance=result.logit_tolerance,
+            "auto",
+            calibration_data=data.source,
+            sharpness=result.sharpness,
+            top1_agreement=result.top1_agreement,
+            mean_relative_logit_error=result.mean_relative_logit_error,
+            logit_tolerance=result.logit_tolerance,
             calibration_examples=len(example[0]),
-        )  # fmt: skip
+        )
     elif options.beta == "auto":
         report.beta = BetaChoice("auto-default", value=initial_beta)
         if options.estimate_norms and data is None:

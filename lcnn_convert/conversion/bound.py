@@ -24,28 +24,72 @@ Bound = tuple[float, float]
 INFINITE: Bound = (math.inf, math.inf)
 
 IDENTITY_MODULES = (
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten, nn.Unflatten,
-)  # fmt: skip
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Flatten,
+    nn.Unflatten,
+)
 POOL_MODULES = {
-    nn.MaxPool1d: ("max", 1), nn.MaxPool2d: ("max", 2), nn.MaxPool3d: ("max", 3),
-    nn.AvgPool1d: ("avg", 1), nn.AvgPool2d: ("avg", 2), nn.AvgPool3d: ("avg", 3),
-    nn.AdaptiveMaxPool1d: ("adaptive", 1), nn.AdaptiveMaxPool2d: ("adaptive", 2),
-    nn.AdaptiveMaxPool3d: ("adaptive", 3), nn.AdaptiveAvgPool1d: ("adaptive", 1),
-    nn.AdaptiveAvgPool2d: ("adaptive", 2), nn.AdaptiveAvgPool3d: ("adaptive", 3),
-}  # fmt: skip
+    nn.MaxPool1d: ("max", 1),
+    nn.MaxPool2d: ("max", 2),
+    nn.MaxPool3d: ("max", 3),
+    nn.AvgPool1d: ("avg", 1),
+    nn.AvgPool2d: ("avg", 2),
+    nn.AvgPool3d: ("avg", 3),
+    nn.AdaptiveMaxPool1d: ("adaptive", 1),
+    nn.AdaptiveMaxPool2d: ("adaptive", 2),
+    nn.AdaptiveMaxPool3d: ("adaptive", 3),
+    nn.AdaptiveAvgPool1d: ("adaptive", 1),
+    nn.AdaptiveAvgPool2d: ("adaptive", 2),
+    nn.AdaptiveAvgPool3d: ("adaptive", 3),
+}
 POOL_FUNCTIONS = {
-    "max_pool1d": ("max", 1), "max_pool2d": ("max", 2), "max_pool3d": ("max", 3),
-    "avg_pool1d": ("avg", 1), "avg_pool2d": ("avg", 2), "avg_pool3d": ("avg", 3),
-    "adaptive_max_pool1d": ("adaptive", 1), "adaptive_max_pool2d": ("adaptive", 2),
-    "adaptive_avg_pool1d": ("adaptive", 1), "adaptive_avg_pool2d": ("adaptive", 2),
+    "max_pool1d": ("max", 1),
+    "max_pool2d": ("max", 2),
+    "max_pool3d": ("max", 3),
+    "avg_pool1d": ("avg", 1),
+    "avg_pool2d": ("avg", 2),
+    "avg_pool3d": ("avg", 3),
+    "adaptive_max_pool1d": ("adaptive", 1),
+    "adaptive_max_pool2d": ("adaptive", 2),
+    "adaptive_avg_pool1d": ("adaptive", 1),
+    "adaptive_avg_pool2d": ("adaptive", 2),
     "adaptive_avg_pool3d": ("adaptive", 3),
-}  # fmt: skip
-IDENTITY_MODULE_NAMES = {"SelectAdaptivePool2d", "DropPath", "DropBlock2d", "AdaptiveAvgMaxPool2d", "FastAdaptiveAvgPool"}
+}
+IDENTITY_MODULE_NAMES = {
+    "SelectAdaptivePool2d",
+    "DropPath",
+    "DropBlock2d",
+    "AdaptiveAvgMaxPool2d",
+    "FastAdaptiveAvgPool",
+}
 RESHAPING = {
-    "flatten", "reshape", "view", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "getitem",
-    "mean", "dropout", "clone", "to",
-    "type_as", "float", "narrow", "chunk", "split", "unbind", "identity", "pad",
-}  # fmt: skip
+    "flatten",
+    "reshape",
+    "view",
+    "permute",
+    "transpose",
+    "contiguous",
+    "squeeze",
+    "unsqueeze",
+    "getitem",
+    "mean",
+    "dropout",
+    "clone",
+    "to",
+    "type_as",
+    "float",
+    "narrow",
+    "chunk",
+    "split",
+    "unbind",
+    "identity",
+    "pad",
+}
 NOT_TENSORS = {"size", "dim", "getattr", "numel", "shape"}
 SUMS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
 CONCATENATIONS = {torch.cat, torch.concat, torch.stack}
@@ -99,9 +143,14 @@ def _pool_module_lipschitz(module: nn.Module) -> float:
     if kind == "adaptive":
         return pool_lipschitz(kind, dims, output_size=module.output_size)
     return pool_lipschitz(
-        kind, dims, module.kernel_size, module.stride, getattr(module, "dilation", 1), module.padding,
+        kind,
+        dims,
+        module.kernel_size,
+        module.stride,
+        getattr(module, "dilation", 1),
+        module.padding,
         getattr(module, "count_include_pad", True),
-    )  # fmt: skip
+    )
 
 
 def _pool_call_lipschitz(node: fx.Node, name: str) -> float:
@@ -115,9 +164,14 @@ def _pool_call_lipschitz(node: fx.Node, name: str) -> float:
     if kind == "adaptive":
         return pool_lipschitz(kind, dims, output_size=values.get("output_size"))
     return pool_lipschitz(
-        kind, dims, values["kernel_size"], values.get("stride"), values.get("dilation", 1),
-        values.get("padding", 0), values.get("count_include_pad", True),
-    )  # fmt: skip
+        kind,
+        dims,
+        values["kernel_size"],
+        values.get("stride"),
+        values.get("dilation", 1),
+        values.get("padding", 0),
+        values.get("count_include_pad", True),
+    )
 
 
 def module_constants(module: nn.Module) -> Bound | None:

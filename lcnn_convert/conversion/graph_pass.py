@@ -22,6 +22,8 @@ from .report import Skipped
 from .rules import ReplacementRule, RuleContext
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def _module_calls(graph: fx.Graph) -> Counter[str]:
     return Counter(node.target for node in graph.nodes if node.op == "call_module")
 
@@ -145,7 +147,9 @@ def list_unconverted(graph_module: fx.GraphModule, replace_activations: bool) ->
             elif name in ATTENTION_LEFT:
                 skipped.append(Skipped(node_label(node), "attention", ATTENTION_LEFT[name]))
             elif name in ("layer_norm", "group_norm", "rms_norm"):
-                skipped.append(Skipped(node_label(node), "norm", NORMALISATIONS_LEFT["LayerNorm"].replace("LayerNorm", name)))
+                skipped.append(
+                    Skipped(node_label(node), "norm", NORMALISATIONS_LEFT["LayerNorm"].replace("LayerNorm", name))
+                )
             elif name == "batch_norm":
                 reason = "functional batch_norm whose statistics are not module attributes"
                 skipped.append(Skipped(node_label(node), "batchnorm", reason))

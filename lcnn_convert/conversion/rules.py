@@ -128,19 +128,27 @@ def family_rules(family: ActivationFamily, activation: str = DEFAULT_ACTIVATION)
     suffix = f"@{activation}" if family.piecewise_linear and activation != DEFAULT_ACTIVATION else ""
     rules = []
     if family.modules:
-        rules.append(ReplacementRule(
-            f"{family.name}-module{suffix}", "activation", match_module(*family.modules),
-            lambda ctx: family.build(family.parameters_of_module(ctx.module), ctx.beta, activation),
-            lambda ctx: bool(getattr(ctx.module, "inplace", False)),
-        ))  # fmt: skip
+        rules.append(
+            ReplacementRule(
+                f"{family.name}-module{suffix}",
+                "activation",
+                match_module(*family.modules),
+                lambda ctx: family.build(family.parameters_of_module(ctx.module), ctx.beta, activation),
+                lambda ctx: bool(getattr(ctx.module, "inplace", False)),
+            )
+        )
     calls = (("function", family.functions, match_function), ("method", family.methods, match_method))
     for kind, targets, matcher in calls:
         if targets:
-            rules.append(ReplacementRule(
-                f"{family.name}-{kind}{suffix}", "activation", matcher(*targets),
-                lambda ctx: family.build(_arguments(family, ctx), ctx.beta, activation),
-                lambda ctx: _call_is_inplace(family, ctx),
-            ))  # fmt: skip
+            rules.append(
+                ReplacementRule(
+                    f"{family.name}-{kind}{suffix}",
+                    "activation",
+                    matcher(*targets),
+                    lambda ctx: family.build(_arguments(family, ctx), ctx.beta, activation),
+                    lambda ctx: _call_is_inplace(family, ctx),
+                )
+            )
     return tuple(rules)
 
 
@@ -223,7 +231,6 @@ BATCHNORM_RULES: tuple[ReplacementRule, ...] = (
         batchnorm_from_function,
     ),
 )
-
 
 
 def default_rules(activation: str = DEFAULT_ACTIVATION) -> tuple[ReplacementRule, ...]:

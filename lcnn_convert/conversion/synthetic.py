@@ -28,7 +28,11 @@ def statistic_norms(model: nn.Module) -> list[nn.Module]:
     found = []
     for module in model.modules():
         is_bn = isinstance(module, nn.modules.batchnorm._BatchNorm) or isinstance(module, FROZEN_BATCHNORM_TYPES)
-        if is_bn and getattr(module, "running_mean", None) is not None and getattr(module, "running_var", None) is not None:
+        if (
+            is_bn
+            and getattr(module, "running_mean", None) is not None
+            and getattr(module, "running_var", None) is not None
+        ):
             found.append(module)
     return found
 

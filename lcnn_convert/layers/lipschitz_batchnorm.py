@@ -219,8 +219,9 @@ class LipschitzBatchNorm(nn.Module):
 class FrozenLipschitzBatchNorm(nn.Module):
     """A LipschitzBatchNorm's eval-mode function with every value a constant (export only)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                 eps: float) -> None:  # fmt: skip
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float
+    ) -> None:
         super().__init__()
         for name, value in (("weight", weight), ("bias", bias), ("running_mean", mean), ("running_var", var)):
             self.register_buffer(name, value.detach().clone())

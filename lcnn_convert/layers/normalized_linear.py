@@ -110,7 +110,10 @@ def top_singular_value(
 
 
 def single_tap(
-    spatial: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+    spatial: Sequence[int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
     dilation: Sequence[int],
 ) -> tuple[int, ...] | None:
     """The kernel tap every output of a zero-padded conv reads, when that is one tap: a one-pixel
@@ -223,7 +226,9 @@ class _OperatorNormalized(nn.Module):
             self._power_vector = vector.to(stored_dtype)
             return estimate
         start = self._start_vector(self.input_shape.tolist()).to(weight.dtype)
-        estimate, vector = top_singular_value(lambda v: self._image_and_gram(v, weight)[1], start, iterations, tolerance)
+        estimate, vector = top_singular_value(
+            lambda v: self._image_and_gram(v, weight)[1], start, iterations, tolerance
+        )
         self._power_vector = vector.to(stored_dtype)
         return estimate
 
@@ -361,10 +366,18 @@ class NormalizedConv(_OperatorNormalized):
         exported, a Conv on a constant instead of the Clip and Div that normalise it at every run."""
         conv_type = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[self.dims - 1]
         conv = conv_type(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
-            self.groups, bias=self.bias is not None, padding_mode=self.padding_mode,
-            device=self.weight.device, dtype=self.weight.dtype,
-        )  # fmt: skip
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         with torch.no_grad():
             conv.weight.copy_(_folded_weight(self))
             if self.bias is not None:
@@ -412,8 +425,13 @@ class NormalizedLinear(_OperatorNormalized):
 
     def inference_form(self) -> nn.Module:
         """A plain linear layer with the eval-mode weight (see NormalizedConv.inference_form)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)  # fmt: skip
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
         with torch.no_grad():
             linear.weight.copy_(_folded_weight(self))
             if self.bias is not None:

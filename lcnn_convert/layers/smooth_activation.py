@@ -143,22 +143,29 @@ SELU_SCALE, SELU_ALPHA = 1.0507009873554805, 1.6732632423543772
 SMOOTH_FUNCTIONS: dict[str, SmoothFunction] = {
     "silu": SmoothFunction(F.silu, _constant(0.0), lambda: (-0.09984, 1.09984), _constant(0.5)),
     "gelu": SmoothFunction(
-        lambda x, approximate="none": F.gelu(x, approximate=approximate), _constant(0.0),
-        lambda approximate="none": (-0.12900, 1.12900), _constant(0.79789),
-    ),  # fmt: skip
+        lambda x, approximate="none": F.gelu(x, approximate=approximate),
+        _constant(0.0),
+        lambda approximate="none": (-0.12900, 1.12900),
+        _constant(0.79789),
+    ),
     "mish": SmoothFunction(F.mish, _constant(0.0), lambda: (-0.11253, 1.08850), _constant(0.64421)),
     "sigmoid": SmoothFunction(torch.sigmoid, _constant(0.5), lambda: (0.0, 0.25), _constant(0.096226), True),
     "tanh": SmoothFunction(torch.tanh, _constant(0.0), lambda: (0.0, 1.0), _constant(0.76981), True),
     "softsign": SmoothFunction(F.softsign, _constant(0.0), lambda: (0.0, 1.0), _constant(2.0), True),
     # x > 0: x; x <= 0: alpha (exp(x) - 1), whose second derivative is at most alpha
     "elu": SmoothFunction(
-        lambda x, alpha=1.0: F.elu(x, alpha), _constant(0.0),
-        lambda alpha=1.0: (0.0, max(1.0, alpha)), lambda alpha=1.0: alpha,
-    ),  # fmt: skip
+        lambda x, alpha=1.0: F.elu(x, alpha),
+        _constant(0.0),
+        lambda alpha=1.0: (0.0, max(1.0, alpha)),
+        lambda alpha=1.0: alpha,
+    ),
     # x <= 0: alpha (exp(x / alpha) - 1): slope at most 1, curvature at most 1 / alpha
     "celu": SmoothFunction(
-        lambda x, alpha=1.0: F.celu(x, alpha), _constant(0.0), lambda alpha=1.0: (0.0, 1.0), lambda alpha=1.0: 1 / alpha,
-    ),  # fmt: skip
+        lambda x, alpha=1.0: F.celu(x, alpha),
+        _constant(0.0),
+        lambda alpha=1.0: (0.0, 1.0),
+        lambda alpha=1.0: 1 / alpha,
+    ),
     "selu": SmoothFunction(
         F.selu, _constant(0.0), lambda: (0.0, SELU_SCALE * SELU_ALPHA), _constant(SELU_SCALE * SELU_ALPHA)
     ),
@@ -173,8 +180,14 @@ class ScaledActivation(SmoothActivation):
     Saturating g (sigmoid, tanh) are f(x) = g(beta x) instead: slope beta g', curvature beta^2 sup|g''|.
     """
 
-    def __init__(self, function: str, beta: float = 1.0, learnable: bool = True, calibrated: bool = False,
-                 **parameters: float | str) -> None:  # fmt: skip
+    def __init__(
+        self,
+        function: str,
+        beta: float = 1.0,
+        learnable: bool = True,
+        calibrated: bool = False,
+        **parameters: float | str,
+    ) -> None:
         super().__init__(beta, learnable, calibrated)
         if function not in SMOOTH_FUNCTIONS:
             raise ValueError(f"unknown smooth function '{function}'; known: {', '.join(SMOOTH_FUNCTIONS)}")
@@ -221,7 +234,9 @@ class ScaledActivation(SmoothActivation):
 
     def extra_repr(self) -> str:
         parameters = "".join(f", {name}={value}" for name, value in self.parameters_of_function.items())
-        return f"{self.function}{parameters}, beta={self.frozen_beta():.4g}" + (", calibrated" if self.calibrated else "")
+        return f"{self.function}{parameters}, beta={self.frozen_beta():.4g}" + (
+            ", calibrated" if self.calibrated else ""
+        )
 
 
 class FrozenScaledActivation(nn.Module):
@@ -311,9 +326,16 @@ class SmoothPiecewiseLinear(SmoothActivation):
     bounds): slope from interval arithmetic over the r' ranges, curvature beta sup|r''| sum |w_k|.
     """
 
-    def __init__(self, kinks: Sequence[float], weights: Sequence[float], slope: float = 0.0,
-                 value_at_zero: float = 0.0, beta: float = 100.0, relu: str = "centered_softplus",
-                 learnable: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        kinks: Sequence[float],
+        weights: Sequence[float],
+        slope: float = 0.0,
+        value_at_zero: float = 0.0,
+        beta: float = 100.0,
+        relu: str = "centered_softplus",
+        learnable: bool = True,
+    ) -> None:
         super().__init__(beta, learnable, calibrated=True)
         if len(kinks) != len(weights) or not kinks:
             raise ValueError("one weight per kink, and at least one kink")
