@@ -498,11 +498,53 @@ def test_pooling_lipschitz_constants_count_overlapping_windows():
     assert pool_lipschitz("max", 2, 2, 2) == 1.0  # disjoint windows
     assert pool_lipschitz("max", 2, 3, 2) == 2.0  # ResNet's stem: each input in up to 2x2 windows
     assert pool_lipschitz("max", 2, 3, 1) == 3.0
-    assert pool_lipschitz("avg", 2, 2, 2) == 0.25
-    assert pool_lipschitz("avg", 2, 3, 1) == 3.0 / 9.0
+    assert pool_lipschitz("avg", 2, 2, 2) == 0.5  # the mean of 4 disjoint elements: 1/sqrt(4)
+    assert pool_lipschitz("avg", 2, 3, 1) == 1.0  # a constant image is its own 3x3/1 average
     assert pool_lipschitz("avg", 2, 3, 1, padding=1, count_include_pad=False) == 3.0  # border windows average fewer
     assert pool_lipschitz("adaptive", 2, output_size=1) == pool_lipschitz("adaptive", 2, output_size=(1, 1)) == 1.0
     assert pool_lipschitz("adaptive", 2, output_size=(7, 7)) == 2.0
+
+
+def _operator_norm(function, shape: tuple[int, ...], steps: int = 300) -> float:
+    """||J|| of ``function`` at 0 by power iteration on J^T J (float64; exact for a linear map)."""
+    vector = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for _ in range(steps):
+        vector = vector.requires_grad_(True)
+        output = function(vector)
+        (product,) = torch.autograd.grad(output, vector, output)
+        vector = (product / product.norm()).detach()
+    return float(function(vector).norm() / vector.norm())
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        nn.AvgPool2d(2, 2),
+        nn.AvgPool2d(3, 1, 1),
+        nn.AvgPool2d(3, 2, 1),
+        nn.AvgPool2d(3, 1, 1, count_include_pad=False),
+        nn.AvgPool2d(2, 1),
+        nn.MaxPool2d(3, 2, 1),
+        nn.MaxPool2d(3, 1, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.AdaptiveAvgPool2d(5),
+    ],
+    ids=str,
+)
+def test_a_pooling_constant_is_never_below_the_operators_norm(pool):
+    """The stated constant bounds the measured norm (max pooling at a point with distinct values,
+    where it is locally a selection). Average pools are linear: the norm is the Lipschitz constant."""
+    from lcnn_convert.conversion.bound import _pool_module_lipschitz
+
+    stated = _pool_module_lipschitz(pool)
+    if isinstance(pool, nn.MaxPool2d):
+        at = torch.randn(1, 1, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        measured = _operator_norm(lambda delta: (pool(at + 1e-9 * delta) - pool(at)) / 1e-9, (1, 1, 12, 12))
+    else:
+        measured = _operator_norm(pool, (1, 1, 12, 12))
+    assert measured <= stated * (1 + 1e-6), (measured, stated)  # finite differences at 1e-9 in float64
+    if isinstance(pool, nn.AvgPool2d) and pool.count_include_pad:
+        assert stated <= 1.5 * measured, (measured, stated)  # and not loose where the windows are regular
 
 
 def test_a_bound_past_the_float_range_is_infinite_not_an_error():

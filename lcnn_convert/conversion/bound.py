@@ -119,9 +119,13 @@ def pool_lipschitz(
 
     An input element lies in at most m = prod_d ceil(span_d / stride_d) windows. Max pooling:
     ||P(x) - P(y)||^2 <= sum over windows of the largest |x_i - y_i|^2 <= m ||x - y||^2, so sqrt(m)
-    (2 for ResNet's 3x3/2 stem pool, 3 for a 3x3/1 pool). Average pooling over n elements:
-    sqrt(m) / n, with n = 1 when padding is left out of the count. Adaptive pools: 1 for a global
-    pool; otherwise neighbouring windows share at most one element per dimension, so sqrt(2^dims).
+    (2 for ResNet's 3x3/2 stem pool, 3 for a 3x3/1 pool). Average pooling is linear, a matrix A
+    whose rows (windows) sum to 1 and whose columns (inputs) sum to at most m / n when every window
+    divides by its n elements, so ||A||_2 <= sqrt(||A||_1 ||A||_inf) = sqrt(m / n) (Schur's test;
+    1/2 for a 2x2/2 pool, 1 for a 3x3/1 pool, which maps a constant image to itself). Left out of
+    the count, padding makes border windows divide by fewer, down to 1: sqrt(m). Adaptive pools: 1
+    for a global pool; otherwise neighbouring windows share at most one element per dimension, so
+    sqrt(2^dims).
     """
     if kind == "adaptive":
         sizes = [size for size in _tuple(output_size, dims) if size is not None] if output_size is not None else []
@@ -135,7 +139,7 @@ def pool_lipschitz(
     if kind == "max":
         return math.sqrt(windows)
     count = math.prod(kernel) if (count_include_pad or not any(_tuple(padding, dims))) else 1
-    return math.sqrt(windows) / count
+    return math.sqrt(windows / count)
 
 
 def _pool_module_lipschitz(module: nn.Module) -> float:
