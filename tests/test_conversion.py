@@ -551,3 +551,56 @@ def test_a_bound_past_the_float_range_is_infinite_not_an_error():
     from lcnn_convert.conversion.bound import INFINITE, _compose
 
     assert _compose((1.0, 1.0), (1e200, 0.0)) == INFINITE  # DenseNet-161's curvature bound overflowed here
+
+
+class _SharedConvAtTwoSizes(nn.Module):
+    """One conv applied to a 4x4 thumbnail first, then to the 16x16 image (a shared head over two scales)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        small = self.conv(F.avg_pool2d(x, 4)).mean((2, 3))
+        large = self.conv(x).mean((2, 3))
+        return self.head(torch.cat([small, large], 1))
+
+
+def test_a_conv_called_at_two_sizes_is_normalized_at_both():
+    from lcnn_convert.conversion.graph_pass import capture_input_shapes
+    from lcnn_convert.conversion.tracing import trace
+
+    torch.manual_seed(0)
+    model = _SharedConvAtTwoSizes().eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert capture_input_shapes(trace(model), (x,))["conv"] == [(3, 4, 4), (3, 16, 16)]
+    assert capture_input_shapes(model, (x,))["conv"] == [(3, 4, 4), (3, 16, 16)]  # untraced: hooks
+    converted = lc.convert(model, x, beta=10.0).eval()
+    layer = converted.get_submodule("conv")
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    sigmas = {size: NormalizedConv.from_conv(model.conv, (3, size, size), explicit_scale=True)[1] for size in (4, 16)}
+    assert sigmas[16] > sigmas[4]  # the first call's size alone would leave the conv steeper than 1 at 16x16
+    assert float(layer.sigma) == pytest.approx(max(sigmas.values()), rel=1e-6)
+
+
+def test_an_adaptive_pool_at_a_known_size_gets_its_exact_window_constant():
+    from lcnn_convert.conversion.bound import adaptive_pool_lipschitz
+
+    assert adaptive_pool_lipschitz(True, (8, 8), 1) == pytest.approx(1 / 8)  # a global mean over 64 elements
+    for average in (True, False):
+        for length, out in ((12, 5), (7, 3), (5, 5), (3, 7)):
+            pool = (lambda t: F.adaptive_avg_pool2d(t, out)) if average else (lambda t: F.adaptive_max_pool2d(t, out))
+            if average:
+                measured = _operator_norm(pool, (1, 1, length, length))
+            else:
+                at = torch.randn(1, 1, length, length, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+                measured = _operator_norm(lambda d: (pool(at + 1e-9 * d) - pool(at)) / 1e-9, (1, 1, length, length))
+            assert measured <= adaptive_pool_lipschitz(average, (length, length), out) * (1 + 1e-6)
+    # in a converted graph the bound reads the pool's input size from shape propagation
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    converted = lc.convert(model.eval(), torch.randn(2, 3, 8, 8), beta=10.0)
+    scales = [float(m.scale.detach()) for m in converted.modules() if isinstance(m, (NormalizedConv, NormalizedLinear))]
+    assert converted.conversion_report.lipschitz_bound == pytest.approx(scales[0] * scales[1] / 8, rel=1e-6)

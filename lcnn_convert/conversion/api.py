@@ -20,7 +20,13 @@ from .bound import curvature_bound
 from ..defaults import DEFAULT_MIN_AGREEMENT
 from ..fidelity import Fidelity, compare_logits, logits_of
 from .calibrate import DEFAULT_LOGIT_TOLERANCE, calibrate_beta, first_tensor
-from .graph_pass import apply_rules, capture_input_shapes, list_unconverted, normalize_linear_layers
+from .graph_pass import (
+    apply_rules,
+    capture_input_shapes,
+    list_unconverted,
+    normalize_linear_layers,
+    propagate_shapes,
+)
 from .module_swap import find_functional_calls, swap_inside_leaves, swap_modules
 from .report import BetaChoice, ConversionReport
 from .activations import DEFAULT_ACTIVATION, LCNN_ACTIVATIONS
@@ -304,6 +310,11 @@ def convert_with_options(model: nn.Module, data: CalibrationData | None, options
         report.fidelity = _fidelity(converted_from, converted, data, calibrate, reference)
 
     if report.method == "fx":
+        if example is not None:
+            try:
+                propagate_shapes(converted, example)  # the converted graph's sizes, for the pools' constants
+            except Exception:  # noqa: BLE001 - without sizes the bound uses size-free constants
+                pass
         (lipschitz, curvature), unbounded_by = curvature_bound(converted)
         report.lipschitz_bound = None if lipschitz == float("inf") else lipschitz
         report.curvature_bound = None if curvature == float("inf") else curvature

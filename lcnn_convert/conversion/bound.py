@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +142,39 @@ def pool_lipschitz(
     return math.sqrt(windows / count)
 
 
+def _adaptive_windows(length: int, out: int) -> list[tuple[int, int]]:
+    """torch's adaptive pooling windows along one dimension: [floor(i L / out), ceil((i + 1) L / out))."""
+    return [((i * length) // out, -((-(i + 1) * length) // out)) for i in range(out)]
+
+
+def adaptive_pool_lipschitz(average: bool, input_size: Sequence[int], output_size: object) -> float:
+    """L2 Lipschitz constant of an adaptive pool at a known input size, from its window layout.
+
+    The windows are products of one interval per dimension. Max: sqrt(prod_d m_d), m_d the most
+    windows one element lies in along d (as ``pool_lipschitz``). Average: Schur's test with rows
+    summing to 1 and columns to prod_d max_j sum_{windows i containing j} 1 / n_i, so a global
+    average over n elements is 1/sqrt(n)."""
+    outputs = _tuple(output_size, len(input_size))
+    product = 1.0
+    for length, out in zip(input_size, outputs):
+        windows = _adaptive_windows(length, length if out is None else out)
+        weights = [1.0 / (end - start) if average else 1.0 for start, end in windows]
+        product *= max(
+            sum(weight for (start, end), weight in zip(windows, weights) if start <= j < end) for j in range(length)
+        )
+    return math.sqrt(product)
+
+
+def _adaptive_from_shape(node: fx.Node, average: bool, dims: int, output_size: object) -> float | None:
+    """``adaptive_pool_lipschitz`` at the node's input size where shape propagation recorded it."""
+    from .graph_pass import input_shape
+
+    shape = input_shape(node)
+    if shape is None or len(shape) < dims or output_size is None:
+        return None
+    return adaptive_pool_lipschitz(average, shape[-dims:], output_size)
+
+
 def _pool_module_lipschitz(module: nn.Module) -> float:
     kind, dims = POOL_MODULES[type(module)]
     if kind == "adaptive":
@@ -238,6 +271,12 @@ def curvature_bound(graph_module: fx.GraphModule) -> tuple[Bound, list[str]]:
 
 
 def _node_bound(node: fx.Node, name: str, modules: dict[str, nn.Module], inputs: list[Bound]) -> Bound | None:
+    if node.op == "call_module" and POOL_MODULES.get(type(modules[node.target]), ("",))[0] == "adaptive":
+        module = modules[node.target]
+        average = "Avg" in type(module).__name__
+        factor = _adaptive_from_shape(node, average, POOL_MODULES[type(module)][1], module.output_size)
+        if factor is not None:
+            return inputs[0][0] * factor, inputs[0][1] * factor
     if node.op == "call_module":
         constants = module_constants(modules[node.target])
         return None if constants is None else _compose(constants, inputs[0])
@@ -256,6 +295,10 @@ def _node_bound(node: fx.Node, name: str, modules: dict[str, nn.Module], inputs:
     if name in POOL_FUNCTIONS:
         try:
             factor = _pool_call_lipschitz(node, name)
+            if POOL_FUNCTIONS[name][0] == "adaptive":
+                values = {**dict(zip(("input", "output_size"), node.args)), **node.kwargs}
+                exact = _adaptive_from_shape(node, "avg" in name, POOL_FUNCTIONS[name][1], values.get("output_size"))
+                factor = factor if exact is None else exact
         except (KeyError, TypeError, ValueError):
             return None  # arguments computed in the graph: no constant known
         return inputs[0][0] * factor, inputs[0][1] * factor

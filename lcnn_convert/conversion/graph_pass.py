@@ -179,17 +179,55 @@ def _activation_reason(name: str, replace_activations: bool) -> str:
     return f"{name} was not matched by the rules in use; left as is"
 
 
-def capture_input_shapes(model: nn.Module, example: tuple[torch.Tensor, ...]) -> dict[str, tuple[int, ...]]:
-    """Per-example input shape of every conv and linear layer, from one forward pass."""
-    shapes: dict[str, tuple[int, ...]] = {}
+def propagate_shapes(graph_module: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
+    """Run one example through the graph, writing each node's output shape and dtype into
+    ``node.meta["tensor_meta"]`` (torch.fx's ShapeProp): what the norms (a layer's input size) and
+    the bound (a pool's window overlaps) read."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with torch.no_grad():
+        ShapeProp(graph_module).propagate(*(tensor[:1] for tensor in example))
+
+
+def input_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The per-example shape of a node's first input, from ``propagate_shapes``; None if unknown."""
+    first = node.args[0] if node.args else None
+    meta = first.meta.get("tensor_meta") if isinstance(first, fx.Node) else None
+    return tuple(meta.shape[1:]) if meta is not None and hasattr(meta, "shape") else None
+
+
+def capture_input_shapes(model: nn.Module, example: tuple[torch.Tensor, ...]) -> dict[str, list[tuple[int, ...]]]:
+    """Every per-example input shape each conv and linear layer is called with, in call order: a
+    layer called at several sizes (a shared head over a feature pyramid) is normalized at each.
+
+    A traced model is shape-propagated (``propagate_shapes``, which also leaves the shapes in its
+    graph for the bound); a model that could not be traced is watched with forward hooks."""
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+
+    def add(path: str, shape: tuple[int, ...]) -> None:
+        if shape not in shapes.setdefault(path, []):
+            shapes[path].append(shape)
+
+    traced = isinstance(model, fx.GraphModule)
+    if traced:
+        try:
+            propagate_shapes(model, example)
+        except Exception:  # noqa: BLE001 - an op the interpreter cannot replay: watch the forward instead
+            traced = False
+    if traced:
+        modules = dict(model.named_modules())
+        for node in model.graph.nodes:
+            if node.op == "call_module" and type(modules[node.target]) in (*CONV_TYPES, nn.Linear):
+                shape = input_shape(node)
+                if shape is not None:
+                    add(node.target, shape)
+        return shapes
     handles = []
     for path, module in model.named_modules():
         if type(module) in (*CONV_TYPES, nn.Linear):
-
-            def record(module, args, path=path):
-                shapes.setdefault(path, tuple(args[0].shape[1:]))
-
-            handles.append(module.register_forward_pre_hook(record))
+            handles.append(
+                module.register_forward_pre_hook(lambda m, args, path=path: add(path, tuple(args[0].shape[1:])))
+            )
     try:
         with torch.no_grad():
             model(*(tensor[:1] for tensor in example))
@@ -212,11 +250,14 @@ def _absorbing_norm(node: fx.Node, modules: dict[str, nn.Module], calls: Counter
 
 def normalize_linear_layers(
     model: nn.Module,
-    shapes: dict[str, tuple[int, ...]],
+    shapes: dict[str, list[tuple[int, ...]]],
     graph: fx.Graph | None,
     estimate: bool = True,
 ) -> tuple[list[str], list[Skipped]]:
     """Divide every conv and linear by its operator norm, pushing 1/sigma into a following BN.
+
+    A conv called at several input sizes (``shapes``) is divided by the largest of its norms there,
+    so that it is 1-Lipschitz at each.
 
     Without a graph (module swap) nothing is known about what follows a layer, so every layer
     keeps its slope as an explicit scale. ``estimate=False`` builds the structure only (the
@@ -241,8 +282,11 @@ def normalize_linear_layers(
         norm = _absorbing_norm(nodes[path], modules, calls) if path in nodes and calls[path] == 1 else None
         sigma = None if estimate else 1.0
         if is_conv:
-            shape = shapes.get(path) or (module.in_channels, *([1] * (module.weight.dim() - 2)))
-            layer, sigma = NormalizedConv.from_conv(module, shape, explicit_scale=norm is None, sigma=sigma)
+            sizes = shapes.get(path) or [(module.in_channels, *([1] * (module.weight.dim() - 2)))]
+            candidates = [
+                NormalizedConv.from_conv(module, size, explicit_scale=norm is None, sigma=sigma) for size in sizes
+            ]
+            layer, sigma = max(candidates, key=lambda candidate: candidate[1])
         else:
             layer, sigma = NormalizedLinear.from_linear(module, explicit_scale=norm is None, sigma=sigma)
         if norm is not None:
