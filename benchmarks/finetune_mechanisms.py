@@ -23,6 +23,8 @@ to measure what each piece does (docs/finetuning.md, "efficientnet_b0: what move
   Lipschitz constant.
 - ``scale-penalty``: the explicit slopes of convs and linears with no BN after them (squeeze-excite
   convs, the head) join the gamma term as |log scale|.
+- ``frozen-bn``: the training steps normalise with the running statistics (BatchNorm as in eval
+  mode, statistics not updated); the refresh after the last epoch still re-estimates them.
 
 Run it alone: two CPU-heavy jobs slow each other down.
 """
@@ -145,12 +147,29 @@ def scale_penalty(model: nn.Module) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def frozen_bn(model: nn.Module) -> Iterator[None]:
+    library_forward = LipschitzBatchNorm.forward
+
+    def forward(self: LipschitzBatchNorm, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # the refresh (under no_grad) re-estimates the statistics as usual
+            return library_forward(self, x)
+        weight = self.weight * self.clip_factor()
+        return torch.nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, weight, self.bias, False, 0.0, self.eps
+        )
+
+    with _patched(LipschitzBatchNorm, "forward", forward):
+        yield
+
+
 MECHANISMS: dict[str, Callable[[nn.Module], contextlib.AbstractContextManager[None]]] = {
     "defaults": lambda model: contextlib.nullcontext(),
     "rms-penalty": rms_penalty,
     "channel-clip": channel_clip,
     "held-clip": held_clip,
     "scale-penalty": scale_penalty,
+    "frozen-bn": frozen_bn,
 }
 
 
