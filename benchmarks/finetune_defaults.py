@@ -75,19 +75,27 @@ def main() -> int:
                 activation=args.activation,
             )
             report = run_conversion(job, quiet)
+        if report is None or report.finetune is None:
+            raise SystemExit(f"{name}: the run returned no fine-tuning report")
         original, finetuned = report.metrics["original"], report.metrics["finetuned"]
-        drop = 100 * (finetuned["accuracy"] - original["accuracy"])
-        ratio = original["curvature_mean"] / finetuned["curvature_mean"]
-        pgd = {norm: (original[f"pgd_{norm}_accuracy"], finetuned[f"pgd_{norm}_accuracy"]) for norm in ("l2", "linf")}
+        drop = 100 * (finetuned.accuracy - original.accuracy)
+        ratio = original.curvature.curvature_mean / finetuned.curvature.curvature_mean
+        pgd = {
+            "l2": (original.pgd_l2_accuracy or 0.0, finetuned.pgd_l2_accuracy or 0.0),
+            "linf": (original.pgd_linf_accuracy or 0.0, finetuned.pgd_linf_accuracy or 0.0),
+        }
         timings = report.timings_s
         measuring = sum(timings.get(key, 0.0) for key in ("measure_original", "measure_converted", "measure_finetuned"))
         met = drop >= -1.0 and ratio >= 10 and all(after >= before for before, after in pgd.values())
         met = met and report.parity.passed
+        tuned = report.finetune.result
+        batch = tuned.config.batch_size if tuned.config is not None else None
+        beta = tuned.history[-1].beta_mean if tuned.history else float("nan")
         print(
-            f"| {name} {size}px | {original['accuracy']:.2%} → {finetuned['accuracy']:.2%} ({drop:+.2f} pt) "
+            f"| {name} {size}px | {original.accuracy:.2%} → {finetuned.accuracy:.2%} ({drop:+.2f} pt) "
             f"| ÷{ratio:.1f} | {pgd['l2'][0]:.1%} → {pgd['l2'][1]:.1%} | {pgd['linf'][0]:.1%} → {pgd['linf'][1]:.1%} "
-            f"| {report.parity.max_abs_diff:.1e} | {report.finetune['steps']} steps of "
-            f"{report.finetune['config']['batch_size']}, {timings['finetune']:.0f} s, β̄ {report.finetune['beta_mean']:.2f} "
+            f"| {report.parity.max_abs_diff:.1e} | {tuned.steps} steps of "
+            f"{batch}, {timings['finetune']:.0f} s, β̄ {beta:.2f} "
             f"| {measuring:.0f} s | {'met' if met else 'NOT met'} |",
             flush=True,
         )

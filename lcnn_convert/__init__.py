@@ -30,6 +30,9 @@ _EXPORTS = {
     "ReplacementRule": ".conversion",
     "RuleContext": ".conversion",
     "convert": ".conversion",
+    "conversion_report": ".conversion.api",
+    "DataConfig": ".models",
+    "data_config": ".models",
     "CenteredSoftplus": ".layers",
     "LipschitzBatchNorm": ".layers",
     "LipschitzBatchNormAct": ".layers",
@@ -72,9 +75,10 @@ if TYPE_CHECKING:
     from .artifacts import load, load_converted
     from .bn_statistics import recalibrate_batchnorm
     from .conversion import DEFAULT_RULES, ConversionReport, ReplacementRule, RuleContext, convert
+    from .conversion.api import conversion_report
     from .errors import LcnnError
     from .export import export_onnx
     from .layers import CenteredSoftplus, LipschitzBatchNorm, LipschitzBatchNormAct, NormalizedConv, NormalizedLinear
     from .measure import adversarial_accuracy, estimate_curvature
-    from .models import create_model, load_model
+    from .models import DataConfig, create_model, data_config, load_model
     from .verify import ParityResult, verify_onnx

@@ -150,7 +150,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         )
     if written == 1:
         metadata = {**metadata, "rules": list(FORMAT_1_RULES), "lcnn_convert_version": None}
-    expected = {
+    expected: dict[str, type | tuple[type, ...]] = {
         "source": str,
         "name": str,
         "num_classes": (int, type(None)),

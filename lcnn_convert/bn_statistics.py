@@ -9,7 +9,9 @@ eval accuracy). Estimating the statistics first gives gamma its real starting va
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from contextlib import ExitStack
+from typing import Protocol, TypeGuard
 
 import torch
 from torch import nn
@@ -18,9 +20,24 @@ from torch.utils.data import DataLoader, Dataset
 from .layers import LipschitzBatchNorm
 
 
-def _running_stat_norms(model: nn.Module) -> list[nn.Module]:
-    norms = [m for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, LipschitzBatchNorm))]
-    return [m for m in norms if m.running_mean is not None and getattr(m, "use_batch_stats", True)]
+class _RunningStatisticsNorm(Protocol):
+    """A BatchNorm that keeps running statistics (a torch BatchNorm built with track_running_stats)."""
+
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor
+    momentum: float | None
+
+    def train(self, mode: bool = True) -> nn.Module: ...
+
+
+def _keeps_running_statistics(module: nn.Module) -> TypeGuard[_RunningStatisticsNorm]:
+    # a torch BatchNorm without running statistics registers all three buffers as None
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, LipschitzBatchNorm)) and module.running_mean is not None
+
+
+def _running_stat_norms(model: nn.Module) -> list[_RunningStatisticsNorm]:
+    return [m for m in model.modules() if _keeps_running_statistics(m) and getattr(m, "use_batch_stats", True)]
 
 
 def has_untrained_batchnorm(model: nn.Module) -> bool:
@@ -51,6 +68,8 @@ def recalibrate_batchnorm(
     generator = torch.Generator().manual_seed(seed)
     # Batch statistics need more than one value per channel, and a handful of images to mean much.
     batch_size = max(batch_size, MIN_STATISTICS_BATCH)
+    if not isinstance(data, Sized):
+        raise TypeError(f"{type(data).__name__} has no length: a map-style dataset (with __len__) is needed")
     loader = DataLoader(
         data, batch_size=batch_size, shuffle=True, generator=generator, drop_last=len(data) % batch_size == 1
     )

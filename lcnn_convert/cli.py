@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Protocol, cast
 
 import typer
 from rich.console import Console
@@ -60,7 +60,17 @@ GROUP_OPTIONS = ("--help",)
 # Typer vendors click in recent releases and uses the real one in older ones; its exceptions
 # derive from whichever ClickException is in use.
 DATASET_NAMES = "digits, cifar10, cifar100, svhn or folder:PATH"
-CLICK_ERROR = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+CLICK_ERROR: type[Exception] = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+
+
+class ClickError(Protocol):
+    """What ``main`` reads of a CLICK_ERROR (click's ClickException, vendored or not)."""
+
+    exit_code: int
+
+    def format_message(self) -> str: ...
+
+
 MAX_VERIFY_INPUTS = 10_000
 HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # The help panels of the convert command's options.
@@ -71,8 +81,9 @@ TRAINING = FinetuneConfig()
 
 
 # centered-softplus, swish: the library's names, dashed as options are
-Activation = Enum("Activation", {name: name.replace("_", "-") for name in LCNN_ACTIVATIONS}, type=str)
-OnnxRuntime = Enum("OnnxRuntime", {name: name for name in ONNX_RUNTIMES}, type=str)
+# (members from the library's tables, which mypy cannot enumerate)
+Activation = Enum("Activation", {name: name.replace("_", "-") for name in LCNN_ACTIVATIONS}, type=str)  # type: ignore[misc]
+OnnxRuntime = Enum("OnnxRuntime", {name: name for name in ONNX_RUNTIMES}, type=str)  # type: ignore[misc]
 
 
 class Device(str, Enum):
@@ -493,9 +504,10 @@ def main(argv: list[str] | None = None) -> int:
         text = error.named(option_of(error.setting)) if isinstance(error, InvalidSetting) else str(error)
         print(f"error: {_rank_prefix()}{text}", file=sys.stderr)
         return 1
-    except CLICK_ERROR as error:
-        print(f"error: {error.format_message()} (see lcnn-convert --help)", file=sys.stderr)
-        return error.exit_code or 2
+    except CLICK_ERROR as caught:
+        click_error = cast(ClickError, caught)
+        print(f"error: {click_error.format_message()} (see lcnn-convert --help)", file=sys.stderr)
+        return click_error.exit_code or 2
     except (typer.Abort, KeyboardInterrupt) as stopped:
         name = Interrupted.signal_name(stopped) if isinstance(stopped, KeyboardInterrupt) else "interrupted"
         print(f"{name} before anything was written", file=sys.stderr)

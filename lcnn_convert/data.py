@@ -15,7 +15,7 @@ import os
 import pickle
 import tarfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from .errors import LcnnError, first_line
-from .models import DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from .models import DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD, DataConfig
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn", "folder:PATH")
 FOLDER_PREFIX = "folder:"
@@ -177,18 +177,19 @@ def default_data_dir() -> Path:
 def load_dataset(
     name: str,
     data_dir: str | Path | None = None,
-    data_config: Mapping[str, Any] | None = None,
+    data_config: DataConfig | Mapping[str, Any] | None = None,
     image_size: int | None = None,
     download: bool = True,
 ) -> DatasetSplits:
     """Load a dataset's train and test splits, preprocessed for a model with ``data_config``.
 
     ``name`` is one of DATASETS; ``folder:PATH`` reads PATH/train/<class>/* and PATH/val/<class>/*.
-    ``data_config`` is what ``models.data_config`` returns (default: ImageNet mean/std, bilinear).
+    ``data_config`` is what ``models.data_config`` returns, or a timm-style dict (default: ImageNet
+    mean/std, bilinear).
     Output images are ``image_size`` pixels square: by default 32 for the 32x32 datasets (their own
     size; upscaling them to the model's 224 would only cost time) and the model's input size for folders.
     """
-    config = dict(data_config or {})
+    config = data_config.to_dict() if isinstance(data_config, DataConfig) else dict(data_config or {})
     normalized_name = name.strip()
     is_folder = normalized_name.lower().startswith(FOLDER_PREFIX)
     if not is_folder:
@@ -258,6 +259,10 @@ class _ReadChecked(Dataset):
         self.targets = getattr(dataset, "targets", None)
 
     def __len__(self) -> int:
+        if not isinstance(self.dataset, Sized):
+            raise TypeError(
+                f"{type(self.dataset).__name__} has no length: a map-style dataset (with __len__) is needed"
+            )
         return len(self.dataset)
 
     def __getitem__(self, index: int):

@@ -125,6 +125,7 @@ def _export_dynamo(
             dynamic_shapes=shapes,
             optimize=True,
         )
+        assert program is not None  # None only for the TorchScript exporter (dynamo=False)
         program.save(str(path), external_data=external)
 
 

@@ -7,7 +7,7 @@ inputs the conversion did not calibrate on, with a note of where those inputs ca
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,9 +15,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conversion.calibrate import first_tensor
-
 FIDELITY_BATCH = 256
+
+
+def first_tensor(output: object) -> torch.Tensor:
+    """The logits of a model whose forward returns a tensor, a tuple or a dict."""
+    if isinstance(output, torch.Tensor):
+        return output
+    values: Iterable[object] = ()
+    if isinstance(output, dict):
+        values = output.values()
+    elif isinstance(output, Iterable):
+        values = output
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"model output of type {type(output).__name__} holds no tensor")
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,10 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeGuard
 
 import numpy as np
 import torch
@@ -118,10 +118,25 @@ def regularisers(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     zero = next(model.parameters()).new_zeros(())
     terms: dict[str, list[torch.Tensor]] = {"beta": [], "gamma": []}
     for module in model.modules():
-        kind = getattr(module, "regulariser", None)
+        if not _is_regularised(module):
+            continue
+        kind = module.regulariser
         if kind in terms and not (isinstance(module, SmoothActivation) and not module.log_beta.requires_grad):
             terms[kind].append(module.regulariser_term())
-    return tuple(torch.stack(found).sum() if found else zero for found in terms.values())
+    beta, gamma = (torch.stack(found).sum() if found else zero for found in terms.values())
+    return beta, gamma
+
+
+class _Regularised(Protocol):
+    """An LCNN layer that adds a term to the loss; ``regulariser`` names its kind ("beta" or "gamma")."""
+
+    regulariser: str
+
+    def regulariser_term(self) -> torch.Tensor: ...
+
+
+def _is_regularised(module: nn.Module) -> TypeGuard[_Regularised]:
+    return hasattr(module, "regulariser")
 
 
 @torch.no_grad()
@@ -193,7 +208,9 @@ def _fast_forward(scheduler, steps: int) -> None:
 def _rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(np.frombuffer(np.random.get_state()[1].tobytes(), dtype=np.uint8).copy()),
+        "numpy": torch.from_numpy(
+            np.frombuffer(np.random.get_state(legacy=False)["state"]["key"].tobytes(), dtype=np.uint8).copy()
+        ),
         "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64),
     }
 
@@ -246,6 +263,8 @@ def _accuracy(model: nn.Module, test: Dataset, distributed: DistributedContext |
     """Test accuracy; under DDP each rank scores every world_size-th example and the counts are summed."""
     if distributed is None:
         return evaluate_accuracy(model, test)
+    if not isinstance(test, Sized):
+        raise TypeError(f"{type(test).__name__} has no length: a map-style dataset (with __len__) is needed")
     share = Subset(test, range(distributed.rank, len(test), distributed.world_size))
     correct = round(evaluate_accuracy(model, share) * len(share)) if len(share) else 0
     counts = sum_across_ranks(distributed, torch.tensor([correct, len(share)]))
@@ -260,10 +279,11 @@ def _train_loader(train: Dataset, config: FinetuneConfig, epoch: int, distribute
     # DistributedSampler draws the permutation a single process draws from the same seed and gives
     # rank r the examples r, r + W, r + 2W, ...: together the ranks' k-th batches are the single
     # process's k-th batch.
-    sampler = DistributedSampler(
+    sampler: DistributedSampler[Any] = DistributedSampler(
         train, num_replicas=distributed.world_size, rank=distributed.rank, shuffle=True, seed=seed, drop_last=False
     )
     sampler.set_epoch(epoch)
+    assert config.batch_size is not None  # a resolved config
     return DataLoader(train, batch_size=config.batch_size // distributed.world_size, sampler=sampler, drop_last=False)
 
 
@@ -367,7 +387,10 @@ def finetune(
     and writes checkpoints.
     """
     config.validate()
+    if not isinstance(train, Sized):
+        raise TypeError(f"{type(train).__name__} has no length: a map-style dataset (with __len__) is needed")
     config = config.resolved(len(train), distributed.world_size if distributed is not None else 1)
+    assert config.batch_size is not None  # resolved
     device = torch.device(device)
     console = console or Console(stderr=True)
     is_main = distributed is None or distributed.is_main

@@ -19,6 +19,7 @@ measurement copies only: they hold the replaced layers' weights (not copies), as
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol, TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from torch import nn
 
 from .layers import LipschitzBatchNorm, NormalizedConv
 from .layers.centered_softplus import FUSED_THRESHOLD, LOG2
-from .layers.normalized_linear import single_tap
+from .layers.normalized_linear import ConvLayer, single_tap, tap_index
 
 CONVOLUTIONS = (F.conv1d, F.conv2d, F.conv3d)
 TRANSPOSED_CONVOLUTIONS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
@@ -66,7 +67,7 @@ class _ConvolveInputOnly(torch.autograd.Function):
         return grad_input, None, None, None, None, None
 
 
-def _explicit_padding(conv: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+def _explicit_padding(conv: ConvLayer | NormalizedConv) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """(symmetric padding for the conv, extra (left, right, ...) zero padding for F.pad), or None
     when the padding is not zeros. 'same' splits its total padding with the extra on the right."""
     dims = conv.weight.dim() - 2
@@ -74,8 +75,9 @@ def _explicit_padding(conv: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]
         return None
     if conv.padding == "valid":
         return (0,) * dims, ()
-    if conv.padding != "same":
+    if not isinstance(conv.padding, str):
         return tuple(conv.padding), ()
+    # 'same'
     totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
     symmetric = tuple(total // 2 for total in totals)
     extra = [side for total in reversed(totals) for side in (0, total - 2 * (total // 2))]
@@ -84,6 +86,10 @@ def _explicit_padding(conv: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]
 
 class InputGradientConv(nn.Module):
     """A convolution with constant weights whose double backward forms no weight gradient."""
+
+    # buffers
+    weight: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(
         self,
@@ -103,7 +109,7 @@ class InputGradientConv(nn.Module):
         self.extra_padding = tuple(extra_padding)
 
     @classmethod
-    def from_conv(cls, conv: nn.Module) -> InputGradientConv | None:
+    def from_conv(cls, conv: ConvLayer | NormalizedConv) -> InputGradientConv | None:
         """The stand-in for an nn.Conv1d/2d/3d or an eval-mode NormalizedConv; None for padding
         modes other than zeros."""
         padding = _explicit_padding(conv)
@@ -124,7 +130,7 @@ class InputGradientConv(nn.Module):
         weight, stride, padding = self.weight, self.stride, self.padding
         taps = single_tap(x.shape[2:], weight.shape[2:], stride, padding, self.dilation)
         if taps is not None:  # as in NormalizedConv: the padded conv reads one tap of a 1-pixel map
-            weight = weight[(..., *(slice(t, t + 1) for t in taps))]
+            weight = weight[tap_index(taps)]
             stride, padding = (1,) * len(taps), (0,) * len(taps)
         y = _ConvolveInputOnly.apply(x, weight, stride, padding, self.dilation, self.groups)
         return y if self.bias is None else y + self.bias.view(-1, *[1] * (y.dim() - 2))
@@ -132,6 +138,10 @@ class InputGradientConv(nn.Module):
 
 class ChannelAffine(nn.Module):
     """x * scale + shift per channel (dimension 1): an eval-mode BatchNorm."""
+
+    # buffers
+    scale: torch.Tensor
+    shift: torch.Tensor
 
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
         super().__init__()
@@ -141,16 +151,19 @@ class ChannelAffine(nn.Module):
     @classmethod
     def from_batchnorm(cls, bn: nn.Module) -> ChannelAffine | None:
         """None for a BatchNorm without running statistics (it normalises by the batch's own)."""
-        if bn.running_mean is None or bn.running_var is None:
+        # a BatchNorm's optional parameters and buffers are None when absent
+        running_mean, running_var = bn.running_mean, bn.running_var
+        if not isinstance(running_mean, torch.Tensor) or not isinstance(running_var, torch.Tensor):
             return None
+        eps = cast(float, bn.eps)  # a plain attribute, which mypy reads through Module.__getattr__
         with torch.no_grad():
             if isinstance(bn, LipschitzBatchNorm):
                 weight = bn.weight * bn.clip_factor()
             else:
-                weight = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
-            bias = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
-            scale = weight * torch.rsqrt(bn.running_var + bn.eps)
-            return cls(scale, bias - bn.running_mean * scale)
+                weight = bn.weight if isinstance(bn.weight, torch.Tensor) else torch.ones_like(running_var)
+            bias = bn.bias if isinstance(bn.bias, torch.Tensor) else torch.zeros_like(running_mean)
+            scale = weight * torch.rsqrt(running_var + eps)
+            return cls(scale, bias - running_mean * scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (-1, *[1] * (x.dim() - 2))
@@ -173,8 +186,9 @@ class FixedBetaSoftplus(nn.Module):
 
 # Stand-ins for torch's own layers, by exact type: a subclass may change forward (timm's Conv2dSame
 # pads dynamically, StdConv2d standardises its weight), so it keeps its own layer. LCNN layers name
-# their own (``curvature_stand_in``); a user's table may add their own layers.
-STAND_INS: dict[type, Callable[[nn.Module], nn.Module | None]] = {
+# their own (``curvature_stand_in``); a user's table may add their own layers. Each maker takes a
+# module of its key's type.
+STAND_INS: dict[type, Callable[..., nn.Module | None]] = {
     nn.Conv1d: InputGradientConv.from_conv,
     nn.Conv2d: InputGradientConv.from_conv,
     nn.Conv3d: InputGradientConv.from_conv,
@@ -184,11 +198,18 @@ STAND_INS: dict[type, Callable[[nn.Module], nn.Module | None]] = {
 }
 
 
-def _stand_in_maker(
-    module: nn.Module, stand_ins: dict[type, Callable]
-) -> Callable[[nn.Module], nn.Module | None] | None:
+class _NamesOwnStandIn(Protocol):
+    def curvature_stand_in(self) -> nn.Module | None: ...
+
+
+def _names_own_stand_in(module: nn.Module) -> TypeGuard[_NamesOwnStandIn]:
+    return callable(getattr(module, "curvature_stand_in", None))
+
+
+def _stand_in_maker(module: nn.Module, stand_ins: dict[type, Callable]) -> Callable[..., nn.Module | None] | None:
+    """The maker of ``module``'s stand-in, which takes a module of ``module``'s type."""
     make = stand_ins.get(type(module))
-    if make is None and callable(getattr(module, "curvature_stand_in", None)):
+    if make is None and _names_own_stand_in(module):
         return type(module).curvature_stand_in
     return make
 
@@ -198,7 +219,7 @@ def swap_for_input_hessian(model: nn.Module, stand_ins: dict[type, Callable] = S
     ``stand_ins`` or names its own; return the replaced paths."""
     if model.training:
         raise ValueError("input-Hessian stand-ins hold eval-mode values: put the model in eval mode first")
-    swapped = []
+    swapped: list[str] = []
     for path, module in list(model.named_modules()):
         if any(path.startswith(done + ".") for done in swapped):
             continue  # inside a layer already replaced

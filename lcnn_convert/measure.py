@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from .conversion.calibrate import first_tensor
+from .fidelity import first_tensor
 from .conversion.graph_pass import apply_rules
 from .conversion.module_swap import swap_modules
 from .conversion.rules import PIECEWISE_LINEAR_RULES
@@ -97,6 +97,8 @@ def _batches(
     """The first ``max_examples`` examples in order, in batches on the model's device and dtype."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(data, Sized):
+        raise TypeError(f"{type(data).__name__} has no length: a map-style dataset (with __len__) is needed")
     is_tensor_pair = isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(d) for d in data)
     total = len(data[0]) if is_tensor_pair else len(data)
     count = total if max_examples is None else min(total, max_examples)
@@ -606,3 +608,103 @@ def budget_text(norm: str, eps: float) -> str:
         steps = eps * 255
         return f"{round(steps)}/255" if math.isclose(steps, round(steps), abs_tol=1e-6) else f"{eps:.3g}"
     return f"{eps:g}"
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """What a run measures of one model on the test set: accuracy, curvature, robustness curves, and
+    the curves' accuracy at the headline budgets."""
+
+    accuracy: float
+    curvature: CurvatureStats
+    robustness: dict[str, RobustnessCurve]  # norm -> curve
+    pgd_l2_accuracy: float | None
+    pgd_linf_accuracy: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """report.json's form; the per-example curvatures are kept apart (``curvature.per_example_curvature``)."""
+        summary = self.curvature.to_dict()
+        return {
+            "accuracy": self.accuracy,
+            **{key: value for key, value in summary.items() if key != "num_examples"},
+            "curvature_examples": summary["num_examples"],
+            "pgd_l2_accuracy": self.pgd_l2_accuracy,
+            "pgd_linf_accuracy": self.pgd_linf_accuracy,
+            "robustness": {norm: curve.to_dict() for norm, curve in self.robustness.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], per_example_curvature: Sequence[float]) -> ModelMetrics:
+        """The inverse of ``to_dict`` (a fine-tuning checkpoint keeps the metrics in that form)."""
+        curvature = CurvatureStats(
+            curvature_mean=data["curvature_mean"],
+            curvature_std=data["curvature_std"],
+            hessian_norm_mean=data["hessian_norm_mean"],
+            hessian_norm_std=data["hessian_norm_std"],
+            grad_norm_mean=data["grad_norm_mean"],
+            grad_norm_std=data["grad_norm_std"],
+            num_examples=data["curvature_examples"],
+            per_example_curvature=tuple(per_example_curvature),
+            relu_stand_in_beta=data["relu_stand_in_beta"],
+        )
+        robustness = {
+            norm: RobustnessCurve(
+                curve["norm"], tuple(curve["epsilons"]), tuple(curve["accuracies"]), curve["examples"]
+            )
+            for norm, curve in data["robustness"].items()
+        }
+        return cls(data["accuracy"], curvature, robustness, data["pgd_l2_accuracy"], data["pgd_linf_accuracy"])
+
+
+@dataclass(frozen=True)
+class MeasurementSettings:
+    """How a run's metrics were measured: on how many test images, at which headline PGD budgets."""
+
+    examples: int
+    headline_eps: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "examples": self.examples,
+            "headline_eps": dict(self.headline_eps),
+            **measurement_protocol(self.headline_eps),
+        }
+
+
+def measure_model(
+    model: nn.Module,
+    test: Data,
+    examples: int,
+    budgets: dict[str, float],
+    epsilons: dict[str, list[float]] | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> ModelMetrics:
+    """Accuracy, curvature and the L2 and L-inf robustness curves on the first ``examples`` test images.
+
+    ``budgets`` are the headline ones (``pgd_*_accuracy``); ``epsilons`` the budgets of each curve,
+    or None to run each from 0 until this model falls below CURVE_STOP_BELOW (the original's).
+    ``mean``/``std`` are the normalisation of ``test``'s images (the attacks work in pixel space).
+    """
+    curvature = estimate_curvature(model, test, max_examples=examples)
+    curves = {
+        norm: robustness_curve(
+            model,
+            test,
+            norm,
+            epsilons[norm] if epsilons else curve_budgets(norm, budgets[norm]),
+            mean=mean,
+            std=std,
+            max_examples=examples,
+            stop_below=None if epsilons else CURVE_STOP_BELOW,
+            stop_from=budgets[norm],
+        )
+        for norm in ("l2", "linf")
+    }
+    return ModelMetrics(
+        accuracy=evaluate_accuracy(model, test),
+        curvature=curvature,
+        robustness=dict(curves),
+        pgd_l2_accuracy=curves["l2"].at(budgets["l2"]),
+        pgd_linf_accuracy=curves["linf"].at(budgets["linf"]),
+    )

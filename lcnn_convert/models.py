@@ -12,7 +12,7 @@ import logging
 import pickle
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -96,7 +96,11 @@ def find_classifier(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 def classifier_classes(module: nn.Module) -> int:
-    return module.out_features if hasattr(module, "out_features") else module.out_channels
+    """The number of outputs of a head ``find_classifier`` found (a Linear, a Conv or timm's own)."""
+    for attribute in ("out_features", "out_channels"):
+        if hasattr(module, attribute):
+            return int(getattr(module, attribute))
+    raise LcnnError(f"the head {type(module).__name__} states no number of classes (no out_features/out_channels)")
 
 
 def reset_head(model: nn.Module, num_classes: int) -> None:
@@ -109,17 +113,26 @@ def reset_head(model: nn.Module, num_classes: int) -> None:
     if found is None:
         raise LcnnError(f"cannot find the classification head of {type(model).__name__} to resize it")
     path, head = found
+    new_head: nn.Module
     if isinstance(head, nn.Linear):
         new_head = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
+    elif isinstance(head, nn.Conv2d):
+        (kernel_height, kernel_width), (stride_y, stride_x) = head.kernel_size, head.stride
+        padding = head.padding if isinstance(head.padding, str) else (head.padding[0], head.padding[1])
+        new_head = nn.Conv2d(
+            head.in_channels, num_classes, (kernel_height, kernel_width), (stride_y, stride_x), padding
+        )
     else:
-        new_head = nn.Conv2d(head.in_channels, num_classes, head.kernel_size, head.stride, head.padding)
+        raise LcnnError(
+            f"cannot resize the head of {type(model).__name__}: a {type(head).__name__}, not a Linear or Conv2d"
+        )
     model.set_submodule(path, new_head.to(head.weight))
     if hasattr(model, "num_classes"):
-        model.num_classes = num_classes
+        setattr(model, "num_classes", num_classes)  # noqa: B010 - a plain attribute; nn.Module's typing says Tensor
 
 
 def _build(spec: ModelSpec, pretrained: bool, num_classes: int | None) -> nn.Module:
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     if spec.source == "timm":
         import timm
 
@@ -301,16 +314,40 @@ def load_model_with_spec(
     return model.eval(), spec
 
 
-def data_config(model: nn.Module, spec: ModelSpec | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DataConfig:
+    """What a model expects of its input, as timm's ``pretrained_cfg`` states it: the ``(C, H, W)`` size,
+    the normalisation and the resize interpolation. ``to_dict()`` is timm's data-config dict."""
+
+    input_size: tuple[int, int, int] = DEFAULT_INPUT_SIZE
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any]) -> DataConfig:
+        """A timm-style dict (``timm.data.resolve_data_config``, a ``pretrained_cfg``); missing keys
+        take ImageNet's defaults. Values are checked where they are used (``load_dataset``)."""
+        default = cls()
+        size = tuple(int(value) for value in config.get("input_size") or default.input_size)
+        if len(size) != 3:
+            raise LcnnError(f"a data config's input_size is (channels, height, width), got {size}")
+        return cls(
+            input_size=(size[0], size[1], size[2]),
+            mean=tuple(config.get("mean", default.mean)),
+            std=tuple(config.get("std", default.std)),
+            interpolation=str(config.get("interpolation", default.interpolation)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def data_config(model: nn.Module, spec: ModelSpec | None = None) -> DataConfig:
     """Input size, mean, std and interpolation the model expects (timm's or torchvision's)."""
     pretrained_cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(pretrained_cfg, Mapping) and pretrained_cfg.get("input_size"):
-        return {
-            "input_size": tuple(pretrained_cfg["input_size"]),
-            "mean": tuple(pretrained_cfg.get("mean", IMAGENET_MEAN)),
-            "std": tuple(pretrained_cfg.get("std", IMAGENET_STD)),
-            "interpolation": pretrained_cfg.get("interpolation", "bilinear"),
-        }
+        return DataConfig.from_mapping(pretrained_cfg)
     if spec is not None and spec.source == "torchvision":
         import torchvision
 
@@ -320,10 +357,7 @@ def data_config(model: nn.Module, spec: ModelSpec | None = None) -> dict[str, An
             transforms = None
         if transforms is not None:
             size = transforms.crop_size[0]
-            return {
-                "input_size": (3, size, size),
-                "mean": tuple(transforms.mean),
-                "std": tuple(transforms.std),
-                "interpolation": transforms.interpolation.value,
-            }
-    return {"input_size": DEFAULT_INPUT_SIZE, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear"}
+            return DataConfig(
+                (3, size, size), tuple(transforms.mean), tuple(transforms.std), transforms.interpolation.value
+            )
+    return DataConfig()

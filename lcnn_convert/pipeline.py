@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from rich.console import Console
@@ -24,9 +24,9 @@ from torch import nn
 from . import __version__
 from .artifacts import ONNX_FILE, REPORT_FILE, WEIGHTS_FILE, checksum, checksums, save
 from .bn_statistics import has_untrained_batchnorm, recalibrate_batchnorm
-from .conversion import CalibrationData, ConvertOptions, convert_with_options
+from .conversion import CalibrationData, ConversionReport, ConvertOptions, convert_with_options
 from .conversion.rules import default_rules
-from .conversion.api import synthetic_calibration_data
+from .conversion.api import conversion_report, synthetic_calibration_data
 from .conversion.synthetic import can_synthesize
 from .distributed import (
     DistributedContext,
@@ -48,11 +48,12 @@ from .defaults import (
     EVAL_EXAMPLES,
 )
 from .export import DYNAMO_MIN_OPSET, check_opset, export_onnx, external_data_path, written_opset
-from .fidelity import Fidelity, measure_fidelity
+from .fidelity import measure_fidelity
 from .finetune import CHECKPOINT_FILE, FinetuneConfig, finetune, load_checkpoint
 from .io import OutputDirectory
 from .layers.centered_softplus import BETA_MAX, BETA_MIN
 from .models import (
+    DataConfig,
     ModelSpec,
     classifier_classes,
     data_config,
@@ -62,8 +63,14 @@ from .models import (
     resolve_model_name,
 )
 from .preprocessing import Preprocessing, check_overrides, preprocessing_candidates, preprocessing_for
-from .report import FidelityGate, RunReport, write_report
+from .measure import ModelMetrics
+from .report import FidelityGate, FinetuneOutcome, RunReport, write_report
 from .verify import ParityResult, verify_onnx
+
+if TYPE_CHECKING:
+    from .data import DatasetSplits
+
+T = TypeVar("T")
 
 # Test images the converted model is compared with the original on (all of a smaller test split),
 # held in memory: 1024 at 224x224 are 600 MB.
@@ -252,52 +259,21 @@ def _fit_head(model: nn.Module, job: ConversionJob, num_classes: int, dataset: s
     return False
 
 
-def measure(
-    model: nn.Module,
-    splits,
-    examples: int,
-    budgets: dict[str, float],
-    epsilons: dict[str, list[float]] | None = None,
-) -> tuple[dict[str, Any], list[float]]:
-    """Accuracy, curvature and the L2 and L-inf robustness curves on the first ``examples`` test images.
+def _measure(run: Run, model: nn.Module, epsilons: dict[str, list[float]] | None = None) -> ModelMetrics:
+    from .measure import measure_model
 
-    ``budgets`` are the headline ones (``pgd_*_accuracy``); ``epsilons`` the budgets of each curve,
-    or None to run each from 0 until this model falls below CURVE_STOP_BELOW (the original's).
-    """
-    from .measure import CURVE_STOP_BELOW, curve_budgets, estimate_curvature, evaluate_accuracy, robustness_curve
-
-    curvature = estimate_curvature(model, splits.test, max_examples=examples)
-    curves = {
-        norm: robustness_curve(
-            model,
-            splits.test,
-            norm,
-            epsilons[norm] if epsilons else curve_budgets(norm, budgets[norm]),
-            mean=splits.mean,
-            std=splits.std,
-            max_examples=examples,
-            stop_below=None if epsilons else CURVE_STOP_BELOW,
-            stop_from=budgets[norm],
-        )
-        for norm in ("l2", "linf")
-    }
-    metrics = {
-        "accuracy": evaluate_accuracy(model, splits.test),
-        **{key: value for key, value in curvature.to_dict().items() if key != "num_examples"},
-        "curvature_examples": curvature.num_examples,
-        "pgd_l2_accuracy": curves["l2"].at(budgets["l2"]),
-        "pgd_linf_accuracy": curves["linf"].at(budgets["linf"]),
-        "robustness": {norm: curve.to_dict() for norm, curve in curves.items()},
-    }
-    return metrics, list(curvature.per_example_curvature)
+    splits = run.data
+    return measure_model(
+        model.to(run.device), splits.test, run.job.eval_examples, run.budgets, epsilons, splits.mean, splits.std
+    )
 
 
 def _curve_epsilons(run: Run) -> dict[str, list[float]] | None:
     """The original's curve budgets, at which the converted and fine-tuned models are attacked."""
     original = run.metrics.get("original")
-    if not original or "robustness" not in original:
+    if original is None:
         return None
-    return {norm: list(curve["epsilons"]) for norm, curve in original["robustness"].items()}
+    return {norm: list(curve.epsilons) for norm, curve in original.robustness.items()}
 
 
 def run_conversion(job: ConversionJob, console: Console | None = None) -> RunReport | None:
@@ -408,22 +384,37 @@ class Run:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     resume_state: dict[str, Any] | None = None
-    model: nn.Module | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    preprocessing: Preprocessing | None = None
-    splits: Any = None  # DatasetSplits when a dataset was named
+    config: DataConfig = field(default_factory=DataConfig)
+    splits: DatasetSplits | None = None  # when a dataset was named
     head_reset: bool = False
     identity: dict[str, Any] = field(default_factory=dict)  # the settings a --resume must match
     bn_statistics: str | None = None
     input_size: tuple[int, int, int] = (3, 224, 224)
     fidelity_inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # held-out test images and labels
-    metrics: dict[str, Any] = field(default_factory=dict)
-    curvatures: dict[str, list[float]] = field(default_factory=dict)
+    metrics: dict[str, ModelMetrics] = field(default_factory=dict)  # "original", "converted", "finetuned"
+    finetune: FinetuneOutcome | None = None
+    # what the stages produce, in order; read them through the properties below
+    loaded: nn.Module | None = None
+    chosen_preprocessing: Preprocessing | None = None
     converted: nn.Module | None = None
-    conversion: dict[str, Any] = field(default_factory=dict)
-    finetune_result: Any = None
-    finetune_fidelity: Fidelity | None = None
+    conversion: ConversionReport | None = None
     parity: ParityResult | None = None
+
+    @property
+    def original(self) -> nn.Module:
+        return _produced(self.loaded, "the original model")
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return _produced(self.chosen_preprocessing, "the preprocessing")
+
+    @property
+    def lcnn(self) -> nn.Module:
+        return _produced(self.converted, "the converted model")
+
+    @property
+    def data(self) -> DatasetSplits:
+        return _produced(self.splits, "the dataset")
 
     @property
     def is_main(self) -> bool:
@@ -442,6 +433,13 @@ class Run:
     def warn(self, text: str) -> None:
         self.warnings.append(text)
         self.console.print(f"[yellow]warning:[/yellow] {text}", highlight=False, soft_wrap=True)
+
+
+def _produced(value: T | None, what: str) -> T:
+    """A stage's product, which a later stage needs (a stage order bug otherwise, not a user error)."""
+    if value is None:
+        raise RuntimeError(f"{what} is read before the stage that produces it ran")
+    return value
 
 
 def _run(
@@ -463,20 +461,20 @@ def _run(
         _check_runs_at_input_size(run)
     _check_identity(run)
     if run.resume_state is not None:
-        run.metrics, run.curvatures = run.resume_state["metrics"], run.resume_state["curvatures"]
+        state = run.resume_state
+        run.metrics = {
+            name: ModelMetrics.from_dict(metrics, state["curvatures"][name])
+            for name, metrics in state["metrics"].items()
+        }
     elif run.splits is not None and run.is_main and job.measures:
         with run.step("measure the original", "measure_original"):
-            run.metrics["original"], run.curvatures["original"] = measure(
-                run.model.to(device), run.splits, job.eval_examples, run.budgets
-            )
+            run.metrics["original"] = _measure(run, run.original)
     if run.splits is not None and run.is_main and run.resume_state is None:
         _check_preprocessing(run)
     _convert(run)
     if run.resume_state is None and run.splits is not None and run.is_main and job.measures:
         with run.step("measure the conversion", "measure_converted"):
-            run.metrics["converted"], run.curvatures["converted"] = measure(
-                run.converted.to(device), run.splits, job.eval_examples, run.budgets, _curve_epsilons(run)
-            )
+            run.metrics["converted"] = _measure(run, run.lcnn, _curve_epsilons(run))
     if job.finetune:
         _finetune(run)
         if not run.is_main:
@@ -489,41 +487,42 @@ def _load(run: Run) -> None:
     job = run.job
     with run.step(f"load {run.spec}", "load"):
         torch.manual_seed(job.seed)  # random initialisation (--no-pretrained, new heads) is part of the run
-        run.model, run.spec = load_model_with_spec(str(run.spec), job.pretrained, job.weights, job.num_classes)
-        run.config = data_config(run.model, run.spec)
-    run.preprocessing = preprocessing_for(run.config, job.mean, job.std, job.interpolation, job.image_size)
-    channels, height, width = run.config["input_size"]
+        run.loaded, run.spec = load_model_with_spec(str(run.spec), job.pretrained, job.weights, job.num_classes)
+        run.config = data_config(run.loaded, run.spec)
+    run.chosen_preprocessing = preprocessing_for(run.config, job.mean, job.std, job.interpolation, job.image_size)
+    channels, height, width = run.config.input_size
     if job.image_size:
         height = width = job.image_size
-    run.input_size = (int(channels), int(height), int(width))
+    run.input_size = (channels, height, width)
 
 
 def _load_data(run: Run) -> None:
     from .data import load_dataset
 
     job = run.job
-    config = {**run.config, **run.preprocessing.as_data_config()}
-    with run.step(f"load dataset {job.dataset}", "data"):
+    config = run.preprocessing.applied_to(run.config)
+    dataset = _produced(job.dataset, "the dataset's name")
+    with run.step(f"load dataset {dataset}", "data"):
         # rank 0 first: a download must happen once, and its errors are everyone's
-        run.splits = _main_first(
-            run.distributed, lambda: load_dataset(job.dataset, job.data_dir, config, job.image_size)
-        )
-        run.head_reset = _fit_head(run.model, job, run.splits.num_classes, job.dataset)
-    run.preprocessing = replace(run.preprocessing, image_size=run.splits.image_size)
-    run.input_size = (run.input_size[0], run.splits.image_size, run.splits.image_size)
+        run.splits = _main_first(run.distributed, lambda: load_dataset(dataset, job.data_dir, config, job.image_size))
+        run.head_reset = _fit_head(run.original, job, run.data.num_classes, dataset)
+    splits = run.data
+    run.chosen_preprocessing = replace(run.preprocessing, image_size=splits.image_size)
+    run.input_size = (run.input_size[0], splits.image_size, splits.image_size)
     _check_runs_at_input_size(run)
-    if run.resume_state is None and has_untrained_batchnorm(run.model):
+    if run.resume_state is None and has_untrained_batchnorm(run.original):
         step = "estimate BatchNorm statistics (the model's were never trained)"
         with run.step(step, "bn_statistics"):
             batches = recalibrate_batchnorm(
-                run.model.to(run.device), run.splits.train, BN_STATISTICS_BATCHES, BN_STATISTICS_BATCH_SIZE, job.seed
+                run.original.to(run.device), splits.train, BN_STATISTICS_BATCHES, BN_STATISTICS_BATCH_SIZE, job.seed
             )
-        run.bn_statistics = f"estimated on {batches} batches of {job.dataset} train: the model's were never trained"
+        run.bn_statistics = f"estimated on {batches} batches of {dataset} train: the model's were never trained"
     elif run.resume_state is not None:
         run.bn_statistics = run.resume_state.get("batchnorm_statistics")
-    test_images, test_labels = _examples(run.splits.test, FIDELITY_EXAMPLES, job.seed + 1)
+    test_images, test_labels = _examples(splits.test, FIDELITY_EXAMPLES, job.seed + 1)
     run.fidelity_inputs = (test_images, test_labels)
-    run.input_size = tuple(int(size) for size in test_images.shape[1:])
+    channels, height, width = (int(size) for size in test_images.shape[1:])
+    run.input_size = (channels, height, width)
 
 
 def _check_runs_at_input_size(run: Run) -> None:
@@ -531,7 +530,7 @@ def _check_runs_at_input_size(run: Run) -> None:
     (AlexNet on 32x32, a ViT at anything but its own size) fails here, in one line."""
     height, width = run.input_size[1:]
     probe = torch.zeros((2, *run.input_size), device=run.device)
-    model = run.model.to(run.device)
+    model = run.original.to(run.device)
     was_training = model.training
     try:
         with torch.no_grad():
@@ -555,7 +554,7 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 
 def _check_identity(run: Run) -> None:
-    run.identity = resume_identity(run.job, _classes(run.model))
+    run.identity = resume_identity(run.job, _classes(run.original))
     if run.resume_state is not None:
         _check_resumable(run.resume_state, run.identity, run.out / CHECKPOINT_FILE)
 
@@ -597,12 +596,12 @@ def _check_preprocessing(run: Run) -> None:
     """Warn when the original scores near chance, or far better with another common normalisation."""
     if run.head_reset or not (run.job.weights or run.job.pretrained):
         return  # random weights or a fresh head score at chance whatever the preprocessing
-    images, labels = run.fidelity_inputs
+    images, labels = _produced(run.fidelity_inputs, "the held-out test images")
     check = slice(0, PREPROCESSING_CHECK_EXAMPLES)
-    scored = preprocessing_candidates(run.model, images[check], labels[check], run.preprocessing)
+    scored = preprocessing_candidates(run.original, images[check], labels[check], run.preprocessing)
     used = scored[0]
     best = max(scored[1:], key=lambda candidate: candidate[1], default=used)
-    classes = run.splits.num_classes
+    classes = run.data.num_classes
     chance = 1.0 / classes
     if best[1] >= used[1] + PREPROCESSING_GAIN:
         run.warn(
@@ -623,14 +622,13 @@ def _calibration_data(run: Run) -> CalibrationData | None:
     job = run.job
     if run.splits is not None:
         images, _ = _examples(run.splits.calibration_pool, job.calibration_examples, job.seed)
-        return CalibrationData(
-            (images,), (run.fidelity_inputs[0],), f"{job.dataset} train", held_out_source=f"{job.dataset} test"
-        )
-    if not can_synthesize(run.model):
+        held_out, _ = _produced(run.fidelity_inputs, "the held-out test images")
+        return CalibrationData((images,), (held_out,), f"{job.dataset} train", held_out_source=f"{job.dataset} test")
+    if not can_synthesize(run.original):
         return None
     text = "synthesise calibration inputs from BatchNorm statistics"
     with run.step(text, "synthesize", spinner=False), _progress_bar(run.console, text) as progress:
-        return synthetic_calibration_data(run.model.to(run.device), run.input_size, job.seed, progress)
+        return synthetic_calibration_data(run.original.to(run.device), run.input_size, job.seed, progress)
 
 
 def _convert(run: Run) -> None:
@@ -638,8 +636,8 @@ def _convert(run: Run) -> None:
     if run.resume_state is not None:
         with run.step("convert", "convert"):
             options = ConvertOptions(beta=1.0, estimate_norms=False, rules=default_rules(job.activation))
-            run.converted = convert_with_options(run.model, None, options)
-        run.conversion = run.resume_state["conversion"]
+            run.converted = convert_with_options(run.original, None, options)
+        run.conversion = ConversionReport.from_dict(run.resume_state["conversion"])
         return
     data = _calibration_data(run)
     options = ConvertOptions(
@@ -661,7 +659,7 @@ def _convert(run: Run) -> None:
                 data.held_out_source,
             )
         try:
-            run.converted = convert_with_options(run.model.to(run.device), data, options)
+            run.converted = convert_with_options(run.original.to(run.device), data, options)
         except RuntimeError as error:
             if _is_out_of_memory(error):
                 raise
@@ -669,8 +667,8 @@ def _convert(run: Run) -> None:
             raise LcnnError(
                 f"{run.spec} does not run at {height}x{width} ({first_line(error)}); try another --image-size"
             ) from error
-    report = run.converted.conversion_report
-    run.conversion = report.to_dict()
+    report = conversion_report(run.lcnn)
+    run.conversion = report
     fidelity = report.fidelity
     if fidelity is None:
         run.warn("fidelity not measured: no data and no BatchNorm statistics; pass --calibrate DATASET")
@@ -682,20 +680,21 @@ def _convert(run: Run) -> None:
 
 
 def _finetune(run: Run) -> None:
-    job = run.job
+    job, splits = run.job, run.data
+    # plain values: the checkpoint is read back with torch.load(weights_only=True)
     extra = {
         "identity": run.identity,
-        "metrics": run.metrics,
-        "curvatures": run.curvatures,
-        "conversion": run.conversion,
+        "metrics": {name: metrics.to_dict() for name, metrics in run.metrics.items()},
+        "curvatures": {name: list(metrics.curvature.per_example_curvature) for name, metrics in run.metrics.items()},
+        "conversion": _produced(run.conversion, "the conversion report").to_dict(),
         "batchnorm_statistics": run.bn_statistics,
     }
     start = time.perf_counter()
     try:
-        run.finetune_result = finetune(
-            run.converted,
-            run.splits.train,
-            run.splits.test,
+        result = finetune(
+            run.lcnn,
+            splits.train,
+            splits.test,
             job.training,
             checkpoint_path=run.out / CHECKPOINT_FILE,
             resume=run.resume_state,
@@ -704,7 +703,7 @@ def _finetune(run: Run) -> None:
             extra_state=extra,
             distributed=run.distributed,
             teacher=_teacher(run),
-            statistics_data=run.splits.calibration_pool,
+            statistics_data=splits.calibration_pool,
         )
     except RuntimeError as error:
         if run.distributed is None:
@@ -718,12 +717,15 @@ def _finetune(run: Run) -> None:
         return
     run.timings["finetune"] = round(time.perf_counter() - start, 3)
     with run.step("measure the fine-tuned model", "measure_finetuned"):
-        run.metrics["finetuned"], run.curvatures["finetuned"] = measure(
-            run.converted.to(run.device), run.splits, job.eval_examples, run.budgets, _curve_epsilons(run)
-        )
-        run.finetune_fidelity = measure_fidelity(
-            run.model, run.converted, run.fidelity_inputs[0], f"{job.dataset} test"
-        )
+        run.metrics["finetuned"] = _measure(run, run.lcnn, _curve_epsilons(run))
+        held_out, _ = _produced(run.fidelity_inputs, "the held-out test images")
+        fidelity = measure_fidelity(run.original, run.lcnn, held_out, f"{job.dataset} test")
+    run.finetune = FinetuneOutcome(
+        result,
+        fidelity,
+        distilled_from_original=_teacher(run) is not None and job.training.distill > 0,
+        distributed=run.distributed,
+    )
 
 
 def _teacher(run: Run) -> nn.Module | None:
@@ -733,17 +735,17 @@ def _teacher(run: Run) -> nn.Module | None:
     job = run.job
     if run.head_reset or run.bn_statistics is not None or not (job.weights or job.pretrained):
         return None
-    return run.model
+    return run.original
 
 
 def _export_and_verify(run: Run) -> None:
     job = run.job
-    run.converted = run.converted.cpu().eval()
+    run.converted = run.lcnn.cpu().eval()
     shaped = torch.randn((2, *run.input_size), generator=torch.Generator().manual_seed(job.seed))
     with run.step("save weights", "save"):
-        save(run.converted, run.out, run.spec, rules=default_rules(job.activation))
+        save(run.lcnn, run.out, run.spec, rules=default_rules(job.activation))
     with run.step(f"export ONNX (opset {job.opset})", "export"):
-        export_onnx(run.converted, run.out / ONNX_FILE, shaped, opset=job.opset)
+        export_onnx(run.lcnn, run.out / ONNX_FILE, shaped, opset=job.opset)
     opset = written_opset(run.out / ONNX_FILE)
     if opset != job.opset:
         run.warn(
@@ -752,69 +754,58 @@ def _export_and_verify(run: Run) -> None:
         )
     with run.step("verify in onnxruntime", "verify"):
         real = run.fidelity_inputs[0][:PARITY_EXAMPLES] if run.fidelity_inputs is not None else None
-        run.parity = verify_onnx(run.converted, run.out / ONNX_FILE, real, atol=job.atol, seed=job.seed + 1)
+        run.parity = verify_onnx(run.lcnn, run.out / ONNX_FILE, real, atol=job.atol, seed=job.seed + 1)
 
 
 def _report(run: Run) -> RunReport:
-    from .measure import measurement_protocol
+    from .measure import MeasurementSettings
 
     job, out = run.job, run.out
     files = {"onnx": ONNX_FILE, "weights": WEIGHTS_FILE, "report": REPORT_FILE}
     if external_data_path(out / ONNX_FILE).is_file():
         files["onnx_data"] = external_data_path(ONNX_FILE).name
-    finetune_summary = None
     from .plots import plot_curvature, plot_robustness, plot_training
 
-    if run.curvatures:
-        plot_curvature(run.curvatures, out / CURVATURE_PLOT)
+    if run.metrics:
+        per_example = {name: metrics.curvature.per_example_curvature for name, metrics in run.metrics.items()}
+        plot_curvature(per_example, out / CURVATURE_PLOT)
         files["curvature_plot"] = CURVATURE_PLOT
-    curves = {name: metrics["robustness"] for name, metrics in run.metrics.items() if "robustness" in metrics}
-    if curves:
-        plot_robustness(curves, run.budgets, out / ROBUSTNESS_PLOT)
+        plot_robustness(
+            {name: metrics.robustness for name, metrics in run.metrics.items()}, run.budgets, out / ROBUSTNESS_PLOT
+        )
         files["robustness_plot"] = ROBUSTNESS_PLOT
-    if run.finetune_result is not None:
-        finetune_summary = run.finetune_result.summary()
-        plot_training(run.finetune_result.step_log, finetune_summary["history"], out / TRAINING_PLOT)
+    if run.finetune is not None:
+        plot_training(run.finetune.result.step_log, run.finetune.result.history, out / TRAINING_PLOT)
         files["training_plot"] = TRAINING_PLOT
         files["checkpoint"] = CHECKPOINT_FILE
-        if run.distributed is not None:
-            finetune_summary["distributed"] = {
-                "world_size": run.distributed.world_size,
-                "backend": run.distributed.backend,
-                "batch_per_rank": run.finetune_result.config.batch_size // run.distributed.world_size,
-            }
-        finetune_summary["fidelity"] = run.finetune_fidelity.to_dict() if run.finetune_fidelity else None
-        finetune_summary["distilled_from_original"] = _teacher(run) is not None and job.training.distill > 0
-    fidelity = run.conversion.get("fidelity")
+    conversion = _produced(run.conversion, "the conversion report")
     report = RunReport(
         model=job.model,
         source=run.spec.source,
         name=run.spec.name,
-        num_classes=_classes(run.converted),
+        num_classes=_classes(run.lcnn),
         input_size=list(run.input_size),
         pretrained=job.pretrained and job.weights is None,
         weights=str(job.weights) if job.weights else None,
         dataset=job.dataset,
         preprocessing=run.preprocessing,
-        conversion=run.conversion,
-        fidelity=Fidelity(**fidelity) if fidelity else None,
+        conversion=conversion,
         fidelity_gate=FidelityGate(
-            job.min_agreement, gated=fidelity is not None and not fidelity["synthetic"] and not job.finetune
+            job.min_agreement,
+            gated=conversion.fidelity is not None and not conversion.fidelity.synthetic and not job.finetune,
         ),
         batchnorm_statistics=run.bn_statistics,
-        parity=run.parity,
+        parity=_produced(run.parity, "the parity check"),
         files=files,
         timings_s=run.timings,
-        metrics=run.metrics or None,
-        measurement={"examples": job.eval_examples, "headline_eps": run.budgets, **measurement_protocol(run.budgets)}
-        if run.metrics
-        else None,
-        finetune=finetune_summary,
+        metrics=dict(run.metrics),
+        measurement=MeasurementSettings(job.eval_examples, run.budgets) if run.metrics else None,
+        finetune=run.finetune,
         warnings=run.warnings,
         checksums=checksums(out, files.values()),
         lcnn_convert_version=__version__,
     )
-    write_report(out / REPORT_FILE, report.to_dict())
+    write_report(out / REPORT_FILE, report)
     return report
 
 

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .io import atomic_file
 
+if TYPE_CHECKING:
+    from .finetune import EpochRecord
+    from .measure import RobustnessCurve
 
-def _pyplot():
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,10 +44,10 @@ def plot_curvature(per_example: Mapping[str, Sequence[float]], path: str | Path)
 
 
 def plot_robustness(
-    curves: Mapping[str, Mapping[str, Mapping]], headline: Mapping[str, float], path: str | Path
+    curves: Mapping[str, Mapping[str, RobustnessCurve]], headline: Mapping[str, float], path: str | Path
 ) -> Path:
     """PGD robust accuracy against the budget, L2 and L-inf side by side, one line per model;
-    ``curves`` maps a model's name to its ``RobustnessCurve.to_dict()`` per norm."""
+    ``curves`` maps a model's name to its curve per norm."""
     from .measure import budget_text, norm_name
 
     plt = _pyplot()
@@ -53,8 +58,8 @@ def plot_robustness(
             if curve:
                 scale = 255 if norm == "linf" else 1
                 axis.plot(
-                    [eps * scale for eps in curve["epsilons"]],
-                    [100 * a for a in curve["accuracies"]],
+                    [eps * scale for eps in curve.epsilons],
+                    [100 * a for a in curve.accuracies],
                     marker="o",
                     label=name,
                 )
@@ -70,13 +75,13 @@ def plot_robustness(
         axis.set_ylim(0, 100)
         axis.grid(alpha=0.3)
         axis.legend()
-    examples = next((c["examples"] for by_norm in curves.values() for c in by_norm.values()), None)
+    examples = next((c.examples for by_norm in curves.values() for c in by_norm.values()), None)
     figure.suptitle(f"Robustness curves ({examples} test images)" if examples else "Robustness curves")
     figure.tight_layout()
     return _save(plt, figure, path)
 
 
-def plot_training(step_log: Mapping[str, Sequence[float]], history: Sequence[Mapping], path: str | Path) -> Path:
+def plot_training(step_log: Mapping[str, Sequence[float]], history: Sequence[EpochRecord], path: str | Path) -> Path:
     """Loss, mean beta, mean gamma per step, and test accuracy per epoch."""
     plt = _pyplot()
     figure, axes = plt.subplots(2, 2, figsize=(9, 6))
@@ -85,15 +90,15 @@ def plot_training(step_log: Mapping[str, Sequence[float]], history: Sequence[Map
         axis.plot(step_log.get(key, []))
         axis.set_title(title)
         axis.set_xlabel("step")
-    epochs = [record["epoch"] for record in history]
-    axes[1, 1].plot(epochs, [100 * record["test_accuracy"] for record in history], marker="o")
+    epochs = [record.epoch for record in history]
+    axes[1, 1].plot(epochs, [100 * record.test_accuracy for record in history], marker="o")
     axes[1, 1].set_title("test accuracy (%)")
     axes[1, 1].set_xlabel("epoch")
     figure.tight_layout()
     return _save(plt, figure, path)
 
 
-def _save(plt, figure, path: str | Path) -> Path:
+def _save(plt: Any, figure: Any, path: str | Path) -> Path:
     path = Path(path)
     with atomic_file(path) as temporary:
         figure.savefig(temporary, format="png", dpi=110)

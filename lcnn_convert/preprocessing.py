@@ -8,16 +8,16 @@ alternatives and warns when one of them fits much better.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from .conversion.calibrate import first_tensor
+from .fidelity import first_tensor
 from .errors import LcnnError
-from .models import IMAGENET_MEAN, IMAGENET_STD
+from .models import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 # Normalisations pretrained models commonly expect (ImageNet's; Inception's [-1, 1]; raw [0, 1]).
@@ -32,14 +32,15 @@ COMMON_NORMALISATIONS = {
 class Preprocessing:
     """Normalisation and resizing applied to every image (calibration, fine-tuning, evaluation)."""
 
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     interpolation: str
     image_size: int | None
     source: str  # "the model's data config" or the options that overrode it
 
-    def as_data_config(self) -> dict[str, Any]:
-        return {"mean": self.mean, "std": self.std, "interpolation": self.interpolation}
+    def applied_to(self, config: DataConfig) -> DataConfig:
+        """The model's data config with this normalisation and interpolation."""
+        return replace(config, mean=self.mean, std=self.std, interpolation=self.interpolation)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,7 +65,7 @@ def check_overrides(mean: Sequence[float] | None, std: Sequence[float] | None, i
 
 
 def preprocessing_for(
-    config: Mapping[str, Any],
+    config: DataConfig,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     interpolation: str | None = None,
@@ -74,9 +75,9 @@ def preprocessing_for(
     check_overrides(mean, std, interpolation)
     given = [name for name, value in (("--mean", mean), ("--std", std), ("--interpolation", interpolation)) if value]
     return Preprocessing(
-        mean=tuple(float(value) for value in (mean or config.get("mean", IMAGENET_MEAN))),
-        std=tuple(float(value) for value in (std or config.get("std", IMAGENET_STD))),
-        interpolation=interpolation or str(config.get("interpolation", "bilinear")),
+        mean=tuple(float(value) for value in (mean or config.mean)),
+        std=tuple(float(value) for value in (std or config.std)),
+        interpolation=interpolation or config.interpolation,
         image_size=image_size,
         source=", ".join(given) if given else "the model's data config",
     )

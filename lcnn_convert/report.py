@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,11 @@ from rich.table import Table
 from .io import atomic_file
 
 if TYPE_CHECKING:
+    from .conversion.report import ConversionReport
+    from .distributed import DistributedContext
     from .fidelity import Fidelity
+    from .finetune import FinetuneResult
+    from .measure import MeasurementSettings, ModelMetrics
     from .preprocessing import Preprocessing
     from .verify import ParityResult
 
@@ -32,10 +37,11 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def write_report(path: str | Path, report: dict[str, Any]) -> Path:
+def write_report(path: str | Path, report: RunReport) -> Path:
+    """report.json: ``report.to_dict()``, atomically (a reader never sees half of it)."""
     path = Path(path)
     with atomic_file(path) as temporary:
-        temporary.write_text(json.dumps(_finite(report), indent=2, allow_nan=False) + "\n")
+        temporary.write_text(json.dumps(_finite(report.to_dict()), indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -47,6 +53,39 @@ class FidelityGate:
 
     min_agreement: float
     gated: bool
+
+
+@dataclass(frozen=True)
+class FinetuneOutcome:
+    """A fine-tuning run: its result, the tuned model's fidelity to the original (not gated: it is
+    meant to move away), whether the original's predictions were soft targets, and the ranks it ran on."""
+
+    result: FinetuneResult
+    fidelity: Fidelity | None
+    distilled_from_original: bool
+    distributed: DistributedContext | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        summary = self.result.summary()
+        if self.distributed is not None:
+            batch = None if self.result.config is None else self.result.config.batch_size
+            summary["distributed"] = {
+                "world_size": self.distributed.world_size,
+                "backend": self.distributed.backend,
+                "batch_per_rank": None if batch is None else batch // self.distributed.world_size,
+            }
+        summary["fidelity"] = None if self.fidelity is None else self.fidelity.to_dict()
+        summary["distilled_from_original"] = self.distilled_from_original
+        return summary
+
+    def caption(self) -> str:
+        """One line under the metrics table: how long, how many steps, where beta and the BNs ended."""
+        result, last = self.result, self.result.history[-1] if self.result.history else None
+        batch = f" of {result.config.batch_size}" if result.config is not None and result.config.batch_size else ""
+        text = f"fine-tuned {result.epochs} epochs / {result.steps} steps{batch} in {result.seconds:.0f}s"
+        if last is not None:
+            text += f"; mean β {last.beta_mean:.3g}, mean BN Lipschitz {last.lipschitz_mean:.3g}"
+        return text
 
 
 @dataclass
@@ -62,20 +101,24 @@ class RunReport:
     weights: str | None
     dataset: str | None
     preprocessing: Preprocessing | None
-    conversion: dict[str, Any]  # ConversionReport.to_dict(), as a fine-tuning checkpoint keeps it
-    fidelity: Fidelity | None
+    conversion: ConversionReport
     fidelity_gate: FidelityGate
     batchnorm_statistics: str | None
     parity: ParityResult
     files: dict[str, str]
     timings_s: dict[str, float]
     lcnn_convert_version: str
-    metrics: dict[str, dict[str, Any]] | None = None
-    measurement: dict[str, Any] | None = None
-    finetune: dict[str, Any] | None = None
+    metrics: dict[str, ModelMetrics] = field(default_factory=dict)  # "original", "converted", "finetuned"
+    measurement: MeasurementSettings | None = None
+    finetune: FinetuneOutcome | None = None
     warnings: list[str] = field(default_factory=list)
     checksums: dict[str, str] = field(default_factory=dict)  # file name -> "sha256:<hex>", for `verify`
     output_dir: str | None = None
+
+    @property
+    def fidelity(self) -> Fidelity | None:
+        """The conversion's fidelity to the original, on held-out inputs."""
+        return self.conversion.fidelity
 
     @property
     def fidelity_passed(self) -> bool | None:
@@ -111,7 +154,7 @@ class RunReport:
             "weights": self.weights,
             "dataset": self.dataset,
             "preprocessing": None if self.preprocessing is None else self.preprocessing.to_dict(),
-            "conversion": self.conversion,
+            "conversion": self.conversion.to_dict(),
             "fidelity": fidelity,
             "batchnorm_statistics": self.batchnorm_statistics,
             "parity": self.parity.to_dict(),
@@ -122,10 +165,10 @@ class RunReport:
             "lcnn_convert_version": self.lcnn_convert_version,
         }
         if self.metrics:
-            report["metrics"] = self.metrics
-            report["measurement"] = self.measurement
+            report["metrics"] = {name: metrics.to_dict() for name, metrics in self.metrics.items()}
+            report["measurement"] = None if self.measurement is None else self.measurement.to_dict()
         if self.finetune is not None:
-            report["finetune"] = self.finetune
+            report["finetune"] = self.finetune.to_dict()
         if self.output_dir is not None:
             report["output_dir"] = self.output_dir
         return report
@@ -135,29 +178,32 @@ def _number(value: float | None, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}g}"
 
 
-METRIC_ROWS = (
-    ("accuracy", "accuracy", "{:.2%}"),
-    ("curvature_mean", "curvature (mean)", "{:.4g}"),
-    ("curvature_std", "curvature (std)", "{:.4g}"),
-    ("hessian_norm_mean", "Hessian norm (mean)", "{:.4g}"),
-    ("grad_norm_mean", "gradient norm (mean)", "{:.4g}"),
-    ("pgd_l2_accuracy", "PGD L2 accuracy", "{:.2%}"),
-    ("pgd_linf_accuracy", "PGD L∞ accuracy", "{:.2%}"),
+# (label, format, the value of a model's metrics)
+METRIC_ROWS: tuple[tuple[str, str, Callable[[ModelMetrics], float | None]], ...] = (
+    ("accuracy", "{:.2%}", lambda metrics: metrics.accuracy),
+    ("curvature (mean)", "{:.4g}", lambda metrics: metrics.curvature.curvature_mean),
+    ("curvature (std)", "{:.4g}", lambda metrics: metrics.curvature.curvature_std),
+    ("Hessian norm (mean)", "{:.4g}", lambda metrics: metrics.curvature.hessian_norm_mean),
+    ("gradient norm (mean)", "{:.4g}", lambda metrics: metrics.curvature.grad_norm_mean),
+    ("PGD L2 accuracy", "{:.2%}", lambda metrics: metrics.pgd_l2_accuracy),
+    ("PGD L∞ accuracy", "{:.2%}", lambda metrics: metrics.pgd_linf_accuracy),
 )
+# the rows that state a headline PGD budget, by label
+PGD_ROW_NORMS = {"PGD L2 accuracy": "l2", "PGD L∞ accuracy": "linf"}
 
 
-def _change(before: float | None, after: float | None, key: str) -> str:
+def _change(before: float | None, after: float | None, format: str) -> str:
     if before is None or after is None:
         return "—"
-    if "accuracy" in key:
+    if format.endswith("%}"):
         return f"{100 * (after - before):+.2f} pt"
     if before > 0 and after > 0:
         return f"÷{before / after:.3g}" if after < before else f"×{after / before:.3g}"
     return "—"
 
 
-def _row_label(key: str, label: str, budgets: dict[str, float] | None) -> str:
-    norm = {"pgd_l2_accuracy": "l2", "pgd_linf_accuracy": "linf"}.get(key)
+def _row_label(label: str, budgets: dict[str, float] | None) -> str:
+    norm = PGD_ROW_NORMS.get(label)
     if norm is None or not budgets or norm not in budgets:
         return label
     from .measure import budget_text
@@ -165,37 +211,29 @@ def _row_label(key: str, label: str, budgets: dict[str, float] | None) -> str:
     return f"{label} (ε {budget_text(norm, budgets[norm])})"
 
 
-def _batch_text(finetune: dict[str, Any]) -> str:
-    config = finetune.get("config") or {}
-    return f" of {config['batch_size']}" if config.get("batch_size") else ""
-
-
 def metrics_table(
-    metrics: dict[str, dict[str, Any]], finetune: dict[str, Any] | None = None, budgets: dict[str, float] | None = None
+    metrics: dict[str, ModelMetrics], finetune: FinetuneOutcome | None = None, budgets: dict[str, float] | None = None
 ) -> Table:
     """original / converted / fine-tuned side by side, with the change from the original;
     ``budgets`` label the PGD rows with their headline budget."""
     columns = [name for name in ("original", "converted", "finetuned") if name in metrics]
+    original = metrics.get("original")
     table = Table(title="accuracy, curvature and robustness (test set)")
     table.add_column("metric", style="bold")
     for name in columns:
         table.add_column(name, justify="right")
-        if name != "original" and "original" in metrics:
+        if name != "original" and original is not None:
             table.add_column("change", justify="right", style="cyan")
-    for key, label, fmt in METRIC_ROWS:
-        row = [_row_label(key, label, budgets)]
+    for label, format, value_of in METRIC_ROWS:
+        row = [_row_label(label, budgets)]
         for name in columns:
-            value = metrics[name].get(key)
-            row.append("—" if value is None else fmt.format(value))
-            if name != "original" and "original" in metrics:
-                row.append(_change(metrics["original"].get(key), value, key))
+            value = value_of(metrics[name])
+            row.append("—" if value is None else format.format(value))
+            if name != "original" and original is not None:
+                row.append(_change(value_of(original), value, format))
         table.add_row(*row)
-    if finetune:
-        table.caption = (
-            f"fine-tuned {finetune['epochs']} epochs / {finetune['steps']} steps"
-            f"{_batch_text(finetune)} in {finetune['seconds']:.0f}s; "
-            f"mean β {finetune['beta_mean']:.3g}, mean BN Lipschitz {finetune['lipschitz_mean']:.3g}"
-        )
+    if finetune is not None:
+        table.caption = finetune.caption()
     return table
 
 
@@ -206,26 +244,25 @@ def print_report(report: RunReport, console: Console | None = None) -> None:
     table = Table(title=f"lcnn-convert: {report.model} ({report.source})", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
-    table.add_row("method", conversion["method"])
-    kinds = ", ".join(f"{label} {count}" for label, count in conversion.get("activation_kinds", {}).items())
-    table.add_row("activations → LCNN", f"{conversion['activations_replaced']}" + (f" ({kinds})" if kinds else ""))
-    table.add_row("BatchNorms → Lipschitz BN", str(conversion["batchnorms_replaced"]))
-    table.add_row("convs/linears normalized", str(conversion["layers_normalized"]))
-    table.add_row("left as is", str(len(conversion["skipped"])))
-    beta = conversion.get("beta", {})
-    if "mean" in beta:
-        where = f", on {beta['calibration_data']}" if beta.get("calibration_data") else ""
-        table.add_row(
-            "beta (mean, min–max)", f"{beta['mean']:.3g} ({beta['min']:.3g}–{beta['max']:.3g}), {beta['mode']}{where}"
-        )
-    table.add_row("curvature bound (data-free)", _number(conversion["curvature_bound"]))
-    for note in conversion.get("bound_notes", []):
+    table.add_row("method", conversion.method)
+    kinds = ", ".join(f"{label} {count}" for label, count in conversion.activation_kinds.items())
+    replaced = str(len(conversion.activations_replaced))
+    table.add_row("activations → LCNN", replaced + (f" ({kinds})" if kinds else ""))
+    table.add_row("BatchNorms → Lipschitz BN", str(len(conversion.batchnorms_replaced)))
+    table.add_row("convs/linears normalized", str(len(conversion.layers_normalized)))
+    table.add_row("left as is", str(len(conversion.skipped)))
+    beta = conversion.beta
+    if beta.mean is not None and beta.min is not None and beta.max is not None:
+        where = f", on {beta.calibration_data}" if beta.calibration_data else ""
+        table.add_row("beta (mean, min–max)", f"{beta.mean:.3g} ({beta.min:.3g}–{beta.max:.3g}), {beta.mode}{where}")
+    table.add_row("curvature bound (data-free)", _number(conversion.curvature_bound))
+    for note in conversion.bound_notes:
         table.add_row("", f"[dim]{note}[/dim]")
     if report.preprocessing is not None:
         table.add_row("preprocessing", f"{report.preprocessing.describe()} ({report.preprocessing.source})")
     if report.batchnorm_statistics:
         table.add_row("BatchNorm statistics", report.batchnorm_statistics)
-    for note in conversion.get("notes", []):
+    for note in conversion.notes:
         table.add_row("note", f"[yellow]{note}[/yellow]")
     fidelity = report.fidelity
     if fidelity is None:
@@ -245,12 +282,12 @@ def print_report(report: RunReport, console: Console | None = None) -> None:
             f"mean {_number(fidelity.mean_relative_logit_error, 3)}, max {_number(fidelity.max_relative_logit_error, 3)}",
         )
         table.add_row("  KL(original ‖ converted)", _number(fidelity.kl_mean, 3))
-    tuned = (report.finetune or {}).get("fidelity")
-    if tuned:
+    tuned = None if report.finetune is None else report.finetune.fidelity
+    if tuned is not None:
         table.add_row(
             "  after fine-tuning (not gated)",
-            f"{tuned['top1_agreement']:.2%} top-1 agreement, mean relative logit error "
-            f"{_number(tuned['mean_relative_logit_error'], 3)}",
+            f"{tuned.top1_agreement:.2%} top-1 agreement, mean relative logit error "
+            f"{_number(tuned.mean_relative_logit_error, 3)}",
         )
     parity = report.parity
     verdict = "[green]passed[/green]" if parity.passed else "[red]FAILED[/red]"
@@ -261,15 +298,15 @@ def print_report(report: RunReport, console: Console | None = None) -> None:
     table.add_row("  top-1 agreement", f"{parity.top1_agreement:.2%} over {parity.num_inputs} inputs{ties}")
     console.print(table)
     if report.metrics:
-        budgets = (report.measurement or {}).get("headline_eps")
+        budgets = None if report.measurement is None else report.measurement.headline_eps
         console.print(metrics_table(report.metrics, report.finetune, budgets))
-    skipped = conversion["skipped"]
+    skipped = conversion.skipped
     if skipped:
         kept = Table(title="left as is", show_lines=False)
         for column in ("node", "kind", "reason"):
             kept.add_column(column)
         for item in skipped[:MAX_SKIPPED_SHOWN]:
-            kept.add_row(item["node"], item["kind"], item["reason"])
+            kept.add_row(item.node, item.kind, item.reason)
         if len(skipped) > MAX_SKIPPED_SHOWN:
             kept.add_row(f"… {len(skipped) - MAX_SKIPPED_SHOWN} more in report.json", "", "")
         console.print(kept)

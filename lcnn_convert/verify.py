@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .conversion.calibrate import first_tensor
+from .fidelity import first_tensor
 from .defaults import DEFAULT_ATOL, DEFAULT_RANDOM_INPUTS, DEFAULT_RUNTIME, ONNX_RUNTIMES
 from .errors import LcnnError, first_line
 
@@ -158,9 +158,10 @@ def _input_shape(found: Runtime, path: Path, inputs: torch.Tensor | None) -> tup
     if inputs is not None:
         return tuple(inputs.shape[1:])
     dims = found.input_dims(path)[1:]
-    if not all(isinstance(dim, int) for dim in dims):
+    static = [dim for dim in dims if isinstance(dim, int)]
+    if len(static) != len(dims):
         raise LcnnError("the ONNX input has dynamic non-batch dimensions; pass example inputs to verify with")
-    return tuple(int(dim) for dim in dims)
+    return tuple(static)
 
 
 def verify_onnx(

@@ -23,6 +23,7 @@ from torch.utils.data import TensorDataset
 
 from .bn_statistics import recalibrate_batchnorm
 from .conversion import convert
+from .conversion.api import conversion_report
 from .errors import first_line
 from .export import export_onnx
 from .models import data_config, load_model_with_spec
@@ -167,7 +168,7 @@ def check_model(
         model.eval()
         result.params_millions = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
         result.stage = "forward (original)"
-        native = int(data_config(model, spec)["input_size"][-1])
+        native = int(data_config(model, spec).input_size[-1])
         size, errors = _first_working_size(model, [*sizes, *([native] if native not in sizes else [])])
         if size < 0:
             result.reason = f"the original does not run at any size tried: {errors}"
@@ -178,7 +179,7 @@ def check_model(
 
         result.stage = "convert"
         converted = convert(model, example, beta=ZOO_BETA)
-        report = converted.conversion_report
+        report = conversion_report(converted)
         result.method = report.method
         result.activations = len(report.activations_replaced)
         result.batchnorms = len(report.batchnorms_replaced)

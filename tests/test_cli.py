@@ -190,6 +190,31 @@ def test_help_and_usage_errors_import_no_torch():
     assert result.stdout.strip().splitlines()[-1] == "[0, 0, 2] False"
 
 
+def test_every_module_imports_first():
+    """Any module of the package can be the first one a user imports (a cycle such as fidelity ->
+    conversion -> fidelity only fails when the cycle's other end is imported first)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import importlib, pkgutil, sys, torch, lcnn_convert\n"
+        "names = [m.name for m in pkgutil.walk_packages(lcnn_convert.__path__, 'lcnn_convert.')]\n"
+        "failed = []\n"
+        "for name in names:\n"
+        "    for loaded in [key for key in sys.modules if key.startswith('lcnn_convert.')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except ImportError as error:\n"
+        "        failed.append(f'{name}: {error}')\n"
+        "print(len(names), failed)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    count, failed = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert int(count) >= 30 and failed == "[]", result.stdout
+
+
 def test_the_cli_defaults_are_the_library_defaults():
     import typer
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from lcnn_convert.data import DATASETS, DatasetSplits, UnreadableExample, default_data_dir, load_dataset
 from lcnn_convert.errors import LcnnError
-from lcnn_convert.models import IMAGENET_MEAN, IMAGENET_STD
+from lcnn_convert.models import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 
 CIFAR10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
 IMAGES_PER_BATCH = 4
@@ -205,7 +205,7 @@ def image_folder(tmp_path: Path) -> Path:
 
 
 def test_image_folder_reads_train_and_val(image_folder):
-    config = {"input_size": (3, 56, 56), "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear"}
+    config = DataConfig((3, 56, 56), IMAGENET_MEAN, IMAGENET_STD, "bilinear")
     splits = load_dataset(f"folder:{image_folder}", data_config=config)
     assert splits.name == f"folder:{image_folder.resolve()}"
     assert (splits.classes, splits.num_classes, splits.image_size) == (["cat", "dog"], 2, 56)

@@ -259,7 +259,7 @@ def test_out_of_memory_anywhere_is_one_line(cli, tmp_path, monkeypatch):
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(lcnn_convert.pipeline, "measure", exhausted)
+    monkeypatch.setattr(lcnn_convert.pipeline, "_measure", exhausted)
     result = cli(*FAST, "--eval", "digits", "-o", tmp_path / "out")
     assert_one_line_error(result, "out of memory", "Tried to allocate 20.00 GiB", "--batch-size")
     assert not (tmp_path / "out").exists()

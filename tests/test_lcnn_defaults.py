@@ -27,6 +27,7 @@ from lcnn_convert.finetune import (
 )
 from lcnn_convert.measure import (
     CURVE_STOP_BELOW,
+    RobustnessCurve,
     _attack_copy,
     _unbroken_by_pgd,
     curve_budgets,
@@ -184,7 +185,7 @@ def test_the_attack_copy_is_channels_last_and_computes_what_the_model_does():
 
 
 def test_the_robustness_plot_is_a_png(tmp_path):
-    curve = {"epsilons": [0.0, 0.5, 1.0], "accuracies": [1.0, 0.8, 0.4], "examples": 8}
+    curve = RobustnessCurve("l2", (0.0, 0.5, 1.0), (1.0, 0.8, 0.4), 8)
     curves = {"original": {"l2": curve, "linf": curve}, "finetuned": {"l2": curve}}
     path = plot_robustness(curves, {"l2": 0.5, "linf": 8 / 255}, tmp_path / "robustness.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

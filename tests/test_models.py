@@ -6,11 +6,19 @@ import random
 
 import pytest
 import torch
+import timm.data
 import torchvision
 from safetensors.torch import save_file
 
 from lcnn_convert import LcnnError, load_model
-from lcnn_convert.models import data_config, find_classifier, load_model_with_spec, read_state_dict, resolve_model_name
+from lcnn_convert.models import (
+    DataConfig,
+    data_config,
+    find_classifier,
+    load_model_with_spec,
+    read_state_dict,
+    resolve_model_name,
+)
 
 
 def test_names_resolve_torchvision_first_then_timm():
@@ -38,9 +46,15 @@ def test_num_classes_builds_the_head_and_is_validated():
 
 def test_data_configs_follow_the_libraries():
     model, spec = load_model_with_spec("timm:efficientnet_b0", pretrained=False)
-    assert data_config(model, spec)["interpolation"] == "bicubic"
+    config = data_config(model, spec)
+    assert config.interpolation == "bicubic"
+    # timm's own dict and ours say the same
+    assert config == DataConfig.from_mapping(timm.data.resolve_data_config({}, model=model))
+    assert DataConfig.from_mapping(config.to_dict()) == config
     model, spec = load_model_with_spec("inception_v3", pretrained=False, num_classes=10)
-    assert data_config(model, spec)["input_size"] == (3, 299, 299)
+    assert data_config(model, spec).input_size == (3, 299, 299)
+    with pytest.raises(LcnnError, match="input_size"):
+        DataConfig.from_mapping({"input_size": (224, 224)})
 
 
 @pytest.mark.parametrize("name", ["torchvision:resnet18", "timm:resnet18"])

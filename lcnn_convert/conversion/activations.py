@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import CenteredSoftplus, ScaledActivation, SmoothHardswish, SmoothPiecewiseLinear
+from ..layers import CenteredSoftplus, ScaledActivation, SmoothActivation, SmoothHardswish, SmoothPiecewiseLinear
 from ..layers.smooth_activation import HARD_SIGMOID
 
 from ..defaults import DEFAULT_ACTIVATION, LCNN_ACTIVATIONS  # noqa: F401  (importable without torch there)
@@ -49,7 +49,7 @@ class ActivationFamily:
     """
 
     name: str
-    build: Callable[[dict[str, Any], float, str], nn.Module]
+    build: Callable[[dict[str, Any], float, str], SmoothActivation]
     modules: tuple[type, ...] = ()
     functions: tuple[Callable, ...] = ()
     methods: tuple[str, ...] = ()
@@ -82,16 +82,18 @@ def _timm(*names: str) -> tuple[type, ...]:
     return optional_types(*(f"timm.layers.activations.{name}" for name in names))
 
 
-def _relu(parameters: dict[str, Any], beta: float, activation: str) -> nn.Module:
+def _relu(parameters: dict[str, Any], beta: float, activation: str) -> SmoothActivation:
     if activation == "swish":
         return ScaledActivation("silu", beta, calibrated=True)
     return CenteredSoftplus(beta)
 
 
 def _piecewise(kinks, weights, slope=0.0, value_at_zero=0.0):
-    def build(parameters: dict[str, Any], beta: float, activation: str) -> nn.Module:
-        values = [value(parameters) if callable(value) else value for value in (kinks, weights, slope, value_at_zero)]
-        return SmoothPiecewiseLinear(*values, beta=beta, relu=activation)
+    def build(parameters: dict[str, Any], beta: float, activation: str) -> SmoothActivation:
+        kink_values, weight_values, slope_value, zero_value = (
+            value(parameters) if callable(value) else value for value in (kinks, weights, slope, value_at_zero)
+        )
+        return SmoothPiecewiseLinear(kink_values, weight_values, slope_value, zero_value, beta=beta, relu=activation)
 
     return build
 
@@ -101,23 +103,23 @@ def _hardtanh_value_at_zero(parameters: dict[str, Any]) -> float:
 
 
 def _scaled(function: str, initial_beta: float = 1.0, **fixed: Any):
-    def build(parameters: dict[str, Any], beta: float, activation: str) -> nn.Module:
+    def build(parameters: dict[str, Any], beta: float, activation: str) -> SmoothActivation:
         return ScaledActivation(function, initial_beta, calibrated=False, **fixed, **parameters)
 
     return build
 
 
-def _softplus(parameters: dict[str, Any], beta: float, activation: str) -> nn.Module:
+def _softplus(parameters: dict[str, Any], beta: float, activation: str) -> SmoothActivation:
     """Keep a softplus's own beta; the constant shift log(2)/beta keeps the function exact."""
     own = float(parameters["beta"])
     return CenteredSoftplus(beta=own, shift=math.log(2.0) / own)
 
 
-def _gelu(parameters: dict[str, Any], beta: float, activation: str) -> nn.Module:
+def _gelu(parameters: dict[str, Any], beta: float, activation: str) -> SmoothActivation:
     approximate = str(parameters.get("approximate", "none"))
-    return ScaledActivation(
-        "gelu", 1.0, calibrated=False, **({"approximate": approximate} if approximate != "none" else {})
-    )
+    if approximate == "none":
+        return ScaledActivation("gelu", 1.0, calibrated=False)
+    return ScaledActivation("gelu", 1.0, calibrated=False, approximate=approximate)
 
 
 INPLACE = Parameter("inplace", -1, False)

@@ -18,8 +18,8 @@ from ..layers.centered_softplus import BETA_MAX, BETA_MIN
 from ..models import data_config
 from .bound import curvature_bound
 from ..defaults import DEFAULT_MIN_AGREEMENT
-from ..fidelity import Fidelity, compare_logits, logits_of
-from .calibrate import DEFAULT_LOGIT_TOLERANCE, calibrate_beta, first_tensor
+from ..fidelity import Fidelity, compare_logits, first_tensor, logits_of
+from .calibrate import DEFAULT_LOGIT_TOLERANCE, calibrate_beta
 from .graph_pass import (
     apply_rules,
     capture_input_shapes,
@@ -32,7 +32,7 @@ from .report import BetaChoice, ConversionReport
 from .activations import DEFAULT_ACTIVATION, LCNN_ACTIVATIONS
 from .rules import ReplacementRule, default_rules
 from .synthetic import SYNTHESIS_STEPS, SYNTHETIC_EXAMPLES, can_synthesize, synthesize_inputs
-from .tracing import trace
+from .tracing import LcnnGraphModule, trace
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def _default_example(model: nn.Module, input_size: Sequence[int] | None = None) 
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(0)
-    size = input_size or data_config(model)["input_size"]
+    size = input_size or data_config(model).input_size
     return (torch.randn((2, *size), generator=generator).to(device),)
 
 
@@ -213,7 +213,7 @@ def synthetic_calibration_data(
     progress: Callable[[int, int, float], None] | None = None,
 ) -> CalibrationData:
     """SYNTHETIC_EXAMPLES inputs synthesised from ``model``'s BatchNorm statistics, a quarter held out."""
-    size = input_size or data_config(model)["input_size"]
+    size = input_size or data_config(model).input_size
     inputs = synthesize_inputs(model, size, SYNTHETIC_EXAMPLES, SYNTHESIS_STEPS, seed=seed, progress=progress)
     return split_examples((inputs,), "synthetic from BatchNorm statistics", synthetic=True)
 
@@ -229,6 +229,7 @@ def convert_with_options(model: nn.Module, data: CalibrationData | None, options
     if data is None and auto and can_synthesize(converted_from):
         data = synthetic_calibration_data(converted_from, options.input_size, options.seed)
     calibrate = auto and data is not None
+    example: tuple[torch.Tensor, ...] | None
     if data is not None:
         example = data.calibration
     else:
@@ -237,6 +238,7 @@ def convert_with_options(model: nn.Module, data: CalibrationData | None, options
 
     reference = None
     if calibrate:
+        assert example is not None  # data's calibration inputs
         with torch.no_grad():
             reference = first_tensor(converted_from(*example))
         if reference.ndim != 2:
@@ -245,29 +247,35 @@ def convert_with_options(model: nn.Module, data: CalibrationData | None, options
                 "against classifier logits; pass a number as beta"
             )
 
+    traced: LcnnGraphModule | None  # None: module swap (report.method "module-swap")
     try:
-        converted = trace(converted_from)
+        traced = trace(converted_from)
         report = ConversionReport("fx")
     except Exception as error:  # tracing fails in many ways (TraceError, TypeError, ...)
         reason = f"{type(error).__name__}: {first_line(error)}"
         logger.info("fx tracing failed (%s); falling back to module swap", reason)
-        converted = converted_from
+        traced = None
         report = ConversionReport("module-swap", fallback_reason=reason[:300])
+    converted: nn.Module = converted_from if traced is None else traced
 
-    shapes = capture_input_shapes(converted, example) if options.estimate_norms else {}
-    if report.method == "fx":
-        activations, batchnorms = apply_rules(converted, options.rules, initial_beta, options.replace_activations)
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    if options.estimate_norms:
+        assert example is not None  # data's, or a default one
+        shapes = capture_input_shapes(converted, example)
+    if traced is not None:
+        activations, batchnorms = apply_rules(traced, options.rules, initial_beta, options.replace_activations)
         inside_activations, inside_batchnorms = swap_inside_leaves(
-            converted, options.rules, initial_beta, options.replace_activations
+            traced, options.rules, initial_beta, options.replace_activations
         )
         activations, batchnorms = activations + inside_activations, batchnorms + inside_batchnorms
-        report.skipped = list_unconverted(converted, options.replace_activations)
-        normalized, skipped = normalize_linear_layers(converted, shapes, converted.graph, options.estimate_norms)
+        report.skipped = list_unconverted(traced, options.replace_activations)
+        normalized, skipped = normalize_linear_layers(traced, shapes, traced.graph, options.estimate_norms)
     else:
         activations, batchnorms = swap_modules(converted, options.rules, initial_beta, options.replace_activations)
         normalized, skipped = normalize_linear_layers(converted, shapes, None, options.estimate_norms)
         converted.eval()
         if options.estimate_norms:
+            assert example is not None  # data's, or a default one
             report.skipped = find_functional_calls(converted, example, f"fx tracing failed ({report.fallback_reason})")
     if untrained_statistics and options.estimate_norms:
         report.notes.append(UNTRAINED_STATISTICS_NOTE)
@@ -278,6 +286,7 @@ def convert_with_options(model: nn.Module, data: CalibrationData | None, options
 
     sites = [m for m in converted.modules() if isinstance(m, SmoothActivation) and m.calibrated]
     if calibrate and sites:
+        assert data is not None and example is not None and reference is not None  # set above when calibrating
         result = calibrate_beta(
             converted,
             sites,
@@ -301,21 +310,21 @@ def convert_with_options(model: nn.Module, data: CalibrationData | None, options
             report.notes.append(NO_DATA_NOTE)
     else:
         report.beta = BetaChoice("fixed", value=initial_beta)
-    activations = [m for m in converted.modules() if isinstance(m, SmoothActivation)]
-    report.activation_kinds = dict(Counter(m.label for m in activations).most_common())
-    betas = [m.frozen_beta() for m in activations]
+    smooth_activations = [m for m in converted.modules() if isinstance(m, SmoothActivation)]
+    report.activation_kinds = dict(Counter(m.label for m in smooth_activations).most_common())
+    betas = [m.frozen_beta() for m in smooth_activations]
     if betas:
         report.beta.mean, report.beta.min, report.beta.max = sum(betas) / len(betas), min(betas), max(betas)
     if data is not None and options.estimate_norms:
         report.fidelity = _fidelity(converted_from, converted, data, calibrate, reference)
 
-    if report.method == "fx":
+    if traced is not None:
         if example is not None:
             try:
-                propagate_shapes(converted, example)  # the converted graph's sizes, for the pools' constants
+                propagate_shapes(traced, example)  # the converted graph's sizes, for the pools' constants
             except Exception:  # noqa: BLE001 - without sizes the bound uses size-free constants
                 pass
-        (lipschitz, curvature), unbounded_by = curvature_bound(converted)
+        (lipschitz, curvature), unbounded_by = curvature_bound(traced)
         report.lipschitz_bound = None if lipschitz == float("inf") else lipschitz
         report.curvature_bound = None if curvature == float("inf") else curvature
         if unbounded_by:
@@ -324,7 +333,7 @@ def convert_with_options(model: nn.Module, data: CalibrationData | None, options
         report.bound_notes.append("not computed: module swap keeps no graph of how layers connect")
 
     converted.train(was_training)
-    converted.conversion_report = report
+    converted.conversion_report = report  # type: ignore[assignment]  # Module.__setattr__ takes any value; torch's stub says Tensor | Module
     return converted
 
 
@@ -342,3 +351,11 @@ def _fidelity(
         return compare_logits(logits, expected, source, data.synthetic)
     expected = reference if reference is not None else logits_of(original, inputs[0])
     return compare_logits(logits_of(converted, inputs[0]), expected, source, data.synthetic)
+
+
+def conversion_report(converted: nn.Module) -> ConversionReport:
+    """What ``convert`` did to ``converted`` (the report it attaches to the model it returns)."""
+    report = getattr(converted, "conversion_report", None)
+    if not isinstance(report, ConversionReport):
+        raise LcnnError(f"{type(converted).__name__} was not made by lcnn_convert.convert: it has no conversion report")
+    return report

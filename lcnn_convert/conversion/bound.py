@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Iterable, Sequence
+from typing import Protocol, SupportsInt, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -108,8 +109,13 @@ def _compose(outer: Bound, inner: Bound) -> Bound:
     return lipschitz * inner_lipschitz, composed_curvature + lipschitz * inner_curvature
 
 
-def _tuple(value: object, dims: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * dims
+def _tuple(value: object, dims: int) -> tuple[int | None, ...]:
+    """A pool's size argument per dimension (None: the input's, in an adaptive pool's output size)."""
+    if isinstance(value, (tuple, list)):
+        return tuple(value)
+    if not isinstance(value, SupportsInt):  # an argument computed in the graph (an fx Node)
+        raise TypeError(f"not a size: {value!r}")
+    return (int(value),) * dims
 
 
 def pool_lipschitz(
@@ -211,9 +217,21 @@ def _pool_call_lipschitz(node: fx.Node, name: str) -> float:
     )
 
 
+class StatesConstants(Protocol):
+    """A layer that states its own constants: every LCNN layer (a user's layers may too)."""
+
+    def lipschitz_constant(self) -> float: ...
+
+    def curvature_constant(self) -> float: ...
+
+
+def _states_constants(module: nn.Module) -> TypeGuard[StatesConstants]:
+    return hasattr(module, "lipschitz_constant") and hasattr(module, "curvature_constant")
+
+
 def module_constants(module: nn.Module) -> Bound | None:
     """(Lipschitz, curvature) of a module, or None when they are not known."""
-    if hasattr(module, "lipschitz_constant") and hasattr(module, "curvature_constant"):
+    if _states_constants(module):
         return module.lipschitz_constant(), module.curvature_constant()
     if type(module) in POOL_MODULES:
         return _pool_module_lipschitz(module), 0.0
@@ -235,7 +253,7 @@ def module_constants(module: nn.Module) -> Bound | None:
 
 def _name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_module":
-        return type(modules[node.target]).__name__
+        return type(modules[str(node.target)]).__name__  # a call_module node's target is the module's path
     return getattr(node.target, "__name__", str(node.target))
 
 
@@ -271,14 +289,15 @@ def curvature_bound(graph_module: fx.GraphModule) -> tuple[Bound, list[str]]:
 
 
 def _node_bound(node: fx.Node, name: str, modules: dict[str, nn.Module], inputs: list[Bound]) -> Bound | None:
-    if node.op == "call_module" and POOL_MODULES.get(type(modules[node.target]), ("",))[0] == "adaptive":
-        module = modules[node.target]
+    path = str(node.target)  # the module's path, for a call_module node
+    if node.op == "call_module" and POOL_MODULES.get(type(modules[path]), ("", 0))[0] == "adaptive":
+        module = modules[path]
         average = "Avg" in type(module).__name__
         factor = _adaptive_from_shape(node, average, POOL_MODULES[type(module)][1], module.output_size)
         if factor is not None:
             return inputs[0][0] * factor, inputs[0][1] * factor
     if node.op == "call_module":
-        constants = module_constants(modules[node.target])
+        constants = module_constants(modules[path])
         return None if constants is None else _compose(constants, inputs[0])
     if node.target in SUMS or name in ("add", "sub", "add_", "sub_"):
         return _sum(inputs)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..defaults import DEFAULT_LOGIT_TOLERANCE  # held-out top-1 agreement of the digits models >= 99.4% at it
+from ..fidelity import first_tensor
 from ..layers import BETA_MAX, SmoothActivation
 
 # The search stops once the smallest passing sharpness is known to within 5%, or after
@@ -39,17 +40,6 @@ class Calibration:
     logit_tolerance: float
     evaluations: int
     betas: tuple[float, ...]
-
-
-def first_tensor(output: object) -> torch.Tensor:
-    """The logits of a model whose forward returns a tensor, a tuple or a dict."""
-    if isinstance(output, torch.Tensor):
-        return output
-    values = output.values() if isinstance(output, dict) else output
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            return value
-    raise TypeError(f"model output of type {type(output).__name__} holds no tensor")
 
 
 def top1_agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:
@@ -144,6 +134,7 @@ def calibrate_beta(
                     root = high + passing[1] - nudge
                     candidate = math.exp(max(root, math.log(MIN_SHARPNESS)))
                 else:
+                    assert low is not None  # log of failing's sharpness
                     root = high - passing[1] * (low - high) / (failing[1] - passing[1] or 1e-30)
                     # nudged by half the precision towards the bracket end farther from it, so that
                     # the next pass can close the bracket from that side; never at an end

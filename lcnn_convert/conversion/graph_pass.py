@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from typing import Protocol, TypeGuard
 
 import torch
 from torch import fx, nn
@@ -22,6 +23,16 @@ from .report import Skipped
 from .rules import ReplacementRule, RuleContext
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class AbsorbsInputScale(Protocol):
+    """A layer that can take over a preceding layer's 1/sigma (a Lipschitz BN, alone or in a norm-act block)."""
+
+    def absorb_input_scale(self, scale: float) -> None: ...
+
+
+def _absorbs_input_scale(module: nn.Module) -> TypeGuard[AbsorbsInputScale]:
+    return hasattr(module, "absorb_input_scale")
 
 
 def _module_calls(graph: fx.Graph) -> Counter[str]:
@@ -208,15 +219,15 @@ def capture_input_shapes(model: nn.Module, example: tuple[torch.Tensor, ...]) ->
         if shape not in shapes.setdefault(path, []):
             shapes[path].append(shape)
 
-    traced = isinstance(model, fx.GraphModule)
-    if traced:
+    traced = model if isinstance(model, fx.GraphModule) else None
+    if traced is not None:
         try:
-            propagate_shapes(model, example)
+            propagate_shapes(traced, example)
         except Exception:  # noqa: BLE001 - an op the interpreter cannot replay: watch the forward instead
-            traced = False
-    if traced:
-        modules = dict(model.named_modules())
-        for node in model.graph.nodes:
+            traced = None
+    if traced is not None:
+        modules = dict(traced.named_modules())
+        for node in traced.graph.nodes:
             if node.op == "call_module" and type(modules[node.target]) in (*CONV_TYPES, nn.Linear):
                 shape = input_shape(node)
                 if shape is not None:
@@ -237,13 +248,13 @@ def capture_input_shapes(model: nn.Module, example: tuple[torch.Tensor, ...]) ->
     return shapes
 
 
-def _absorbing_norm(node: fx.Node, modules: dict[str, nn.Module], calls: Counter[str]) -> nn.Module | None:
+def _absorbing_norm(node: fx.Node, modules: dict[str, nn.Module], calls: Counter[str]) -> AbsorbsInputScale | None:
     """The Lipschitz BN that reads only this node's output and nothing else, if there is one."""
     users = list(node.users)
-    if len(users) != 1 or users[0].op != "call_module" or calls[users[0].target] != 1:
+    if len(users) != 1 or users[0].op != "call_module" or calls[str(users[0].target)] != 1:
         return None
-    follower = modules[users[0].target]
-    if not hasattr(follower, "absorb_input_scale") or users[0].args[:1] != (node,):
+    follower = modules[str(users[0].target)]  # a call_module node's target is the module's path
+    if not _absorbs_input_scale(follower) or users[0].args[:1] != (node,):
         return None
     return follower
 
@@ -281,6 +292,7 @@ def normalize_linear_layers(
             continue
         norm = _absorbing_norm(nodes[path], modules, calls) if path in nodes and calls[path] == 1 else None
         sigma = None if estimate else 1.0
+        layer: NormalizedConv | NormalizedLinear
         if is_conv:
             sizes = shapes.get(path) or [(module.in_channels, *([1] * (module.weight.dim() - 2)))]
             candidates = [

@@ -26,7 +26,8 @@ def swap_modules(
     model: nn.Module, rules: Sequence[ReplacementRule], beta: float, replace_activations: bool
 ) -> tuple[list[str], list[str]]:
     """Apply the module rules to every submodule; return the replaced activation and BN paths."""
-    activations, batchnorms = [], []
+    activations: list[str] = []
+    batchnorms: list[str] = []
     active_rules = [rule for rule in rules if replace_activations or rule.kind != "activation"]
     for path, module in list(model.named_modules()):
         if not path or any(path.startswith(done + ".") for done in activations + batchnorms):

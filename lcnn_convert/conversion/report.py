@@ -81,6 +81,26 @@ class ConversionReport:
             },
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ConversionReport:
+        """The inverse of ``to_dict`` (a fine-tuning checkpoint keeps the report in that form)."""
+        replaced = data["replaced"]
+        return cls(
+            method=data["method"],
+            activations_replaced=list(replaced["activations"]),
+            activation_kinds=dict(data["activation_kinds"]),
+            batchnorms_replaced=list(replaced["batchnorms"]),
+            layers_normalized=list(replaced["normalized"]),
+            skipped=[Skipped(**item) for item in data["skipped"]],
+            curvature_bound=data["curvature_bound"],
+            lipschitz_bound=data["lipschitz_bound"],
+            bound_notes=list(data["bound_notes"]),
+            beta=BetaChoice(**data["beta"]),
+            fidelity=None if data["fidelity"] is None else Fidelity(**data["fidelity"]),
+            fallback_reason=data["fallback_reason"],
+            notes=list(data["notes"]),
+        )
+
     def __str__(self) -> str:
         bound = "unbounded" if self.curvature_bound is None else f"{self.curvature_bound:.4g}"
         return (

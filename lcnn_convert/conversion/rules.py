@@ -55,7 +55,7 @@ class RuleContext:
     def tensor(self, name: str, position: int) -> torch.Tensor | None:
         """The tensor behind a get_attr argument, or None if the argument is anything else."""
         value = self.argument(name, position)
-        if not isinstance(value, fx.Node) or value.op != "get_attr":
+        if not isinstance(value, fx.Node) or value.op != "get_attr" or not isinstance(value.target, str):
             return None
         owner: Any = self.root
         for part in value.target.split("."):
@@ -108,11 +108,18 @@ FROZEN_BATCHNORM_TYPES = optional_types("torchvision.ops.misc.FrozenBatchNorm2d"
 FROZEN_BATCHNORM_ACT_TYPES = optional_types("timm.layers.FrozenBatchNormAct2d")
 
 
+def _called_module(ctx: RuleContext) -> nn.Module:
+    """The module of a module rule's call: its matcher (match_module) accepted only a context with one."""
+    assert ctx.module is not None, "a module rule's builder was given a function or method call"
+    return ctx.module
+
+
 def _arguments(family: ActivationFamily, ctx: RuleContext) -> dict[str, Any]:
     return {p.name: ctx.argument(p.name, p.position, p.default) for p in family.parameters}
 
 
 def _call_is_inplace(family: ActivationFamily, ctx: RuleContext) -> bool:
+    assert ctx.node is not None  # function and method rules match call nodes only
     if ctx.node.target in family.in_place_variants:
         return True
     return family.inplace_position is not None and bool(ctx.argument("inplace", family.inplace_position, False))
@@ -133,7 +140,7 @@ def family_rules(family: ActivationFamily, activation: str = DEFAULT_ACTIVATION)
                 f"{family.name}-module{suffix}",
                 "activation",
                 match_module(*family.modules),
-                lambda ctx: family.build(family.parameters_of_module(ctx.module), ctx.beta, activation),
+                lambda ctx: family.build(family.parameters_of_module(_called_module(ctx)), ctx.beta, activation),
                 lambda ctx: bool(getattr(ctx.module, "inplace", False)),
             )
         )
@@ -180,19 +187,22 @@ def _functional_batchnorm_has_stats(ctx: RuleContext) -> bool:
 
 
 def batchnorm_from_function(ctx: RuleContext) -> nn.Module:
+    running_mean, running_var = ctx.tensor("running_mean", 1), ctx.tensor("running_var", 2)
+    assert running_mean is not None and running_var is not None  # _functional_batchnorm_has_stats matched
     return LipschitzBatchNorm.from_tensors(
         weight=ctx.tensor("weight", 3),
         bias=ctx.tensor("bias", 4),
-        running_mean=ctx.tensor("running_mean", 1),
-        running_var=ctx.tensor("running_var", 2),
+        running_mean=running_mean,
+        running_var=running_var,
         eps=ctx.argument("eps", 7, 1e-5),
         momentum=ctx.argument("momentum", 6, 0.1),
     )
 
 
 def _batchnorm_act(ctx: RuleContext, use_batch_stats: bool) -> nn.Module:
-    bn = LipschitzBatchNorm.from_batchnorm(ctx.module, use_batch_stats=use_batch_stats)
-    return LipschitzBatchNormAct(bn, ctx.module.drop, activation_from(ctx.module.act, ctx))
+    module = _called_module(ctx)
+    bn = LipschitzBatchNorm.from_batchnorm(module, use_batch_stats=use_batch_stats)
+    return LipschitzBatchNormAct(bn, module.get_submodule("drop"), activation_from(module.get_submodule("act"), ctx))
 
 
 def _both(*matchers: Matcher) -> Matcher:
@@ -216,13 +226,13 @@ BATCHNORM_RULES: tuple[ReplacementRule, ...] = (
         "batchnorm",
         "batchnorm",
         _both(match_module(*BATCHNORM_TYPES), _has_running_stats),
-        lambda ctx: LipschitzBatchNorm.from_batchnorm(ctx.module),
+        lambda ctx: LipschitzBatchNorm.from_batchnorm(_called_module(ctx)),
     ),
     ReplacementRule(
         "frozen-batchnorm",
         "batchnorm",
         match_module(*FROZEN_BATCHNORM_TYPES),
-        lambda ctx: LipschitzBatchNorm.from_batchnorm(ctx.module, use_batch_stats=False),
+        lambda ctx: LipschitzBatchNorm.from_batchnorm(_called_module(ctx), use_batch_stats=False),
     ),
     ReplacementRule(
         "batchnorm-function",

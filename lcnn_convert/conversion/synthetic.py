@@ -11,9 +11,11 @@ real data's (docs/fidelity.md).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ..bn_statistics import has_untrained_batchnorm
 from .rules import FROZEN_BATCHNORM_TYPES
@@ -42,16 +44,19 @@ def can_synthesize(model: nn.Module) -> bool:
     return bool(statistic_norms(model)) and not has_untrained_batchnorm(model)
 
 
-def _statistics_gap(norms: Sequence[nn.Module], losses: list[torch.Tensor]) -> list[Callable]:
+def _statistics_gap(norms: Sequence[nn.Module], losses: list[torch.Tensor]) -> list[RemovableHandle]:
     """Forward pre-hooks adding each BN's |batch mean - running mean| + |batch std - running std|."""
 
     def hook(norm: nn.Module, args: tuple) -> None:
+        running_mean, running_var = norm.running_mean, norm.running_var
+        assert isinstance(running_mean, torch.Tensor) and isinstance(running_var, torch.Tensor)  # statistic_norms
+        eps = cast(float, norm.eps)  # a plain attribute, which mypy reads through Module.__getattr__
         x = args[0]
         dims = [d for d in range(x.dim()) if d != 1]
         mean = x.mean(dims)
-        std = (x.var(dims, unbiased=False) + norm.eps).sqrt()
-        running_std = (norm.running_var.to(x.dtype) + norm.eps).sqrt()
-        losses.append((mean - norm.running_mean.to(x.dtype)).norm() + (std - running_std).norm())
+        std = (x.var(dims, unbiased=False) + eps).sqrt()
+        running_std = (running_var.to(x.dtype) + eps).sqrt()
+        losses.append((mean - running_mean.to(x.dtype)).norm() + (std - running_std).norm())
 
     return [norm.register_forward_pre_hook(hook) for norm in norms]
 

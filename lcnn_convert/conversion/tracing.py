@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
@@ -41,7 +41,7 @@ class LcnnGraphModule(fx.GraphModule):
 
     def __deepcopy__(self, memo: dict) -> LcnnGraphModule:
         # GraphModule's deepcopy rebuilds the module from its graph and drops plain attributes.
-        result = super().__deepcopy__(memo)
+        result = cast(LcnnGraphModule, super().__deepcopy__(memo))  # torch builds a type(self)
         for name in ("classifier_path", "conversion_report", *KEPT_ATTRIBUTES):
             if name in self.__dict__:
                 setattr(result, name, copy.deepcopy(self.__dict__[name], memo))
@@ -59,8 +59,10 @@ class LcnnGraphModule(fx.GraphModule):
         if global_pool is not None:
             raise ValueError("a converted model's global pooling is fixed; only num_classes can change")
         head = self.get_classifier()
-        in_features = head.in_features if hasattr(head, "in_features") else head.in_channels
-        fresh = nn.Linear(in_features, num_classes).to(head.weight)
+        assert self.classifier_path is not None  # get_classifier raised otherwise
+        # plain int attributes of a linear or conv head, which mypy reads through Module.__getattr__
+        in_features = cast(int, head.in_features if hasattr(head, "in_features") else head.in_channels)
+        fresh = nn.Linear(in_features, num_classes).to(head.get_parameter("weight"))
         layer, _ = NormalizedLinear.from_linear(fresh, explicit_scale=True)
         self.set_submodule(self.classifier_path, layer)
         self.num_classes = num_classes

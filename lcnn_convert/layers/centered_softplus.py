@@ -105,6 +105,7 @@ class _CenteredSoftplusFunction(torch.autograd.Function):
         grad_x = grad * slope if ctx.needs_input_grad[0] else None
         grad_log_beta = None
         if wants_beta:
+            assert beta_slope is not None  # computed with_beta
             log_beta = ctx.saved_tensors[0]
             # summed in float32: one float16 term is finite, a sum over a batch of them may not be
             grad_log_beta = (grad.to(beta_slope.dtype) * beta_slope).sum().to(log_beta.dtype)
@@ -136,6 +137,7 @@ class _CenteredSoftplusFunction(torch.autograd.Function):
         if x_tangent is not None:
             tangent = tangent + x_tangent * slope
         if log_beta_tangent is not None:
+            assert beta_slope is not None  # computed with_beta
             tangent = tangent + (log_beta_tangent.to(beta_slope.dtype) * beta_slope).to(output.dtype)
         return tangent
 

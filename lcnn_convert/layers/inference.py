@@ -45,8 +45,9 @@ class FrozenCenteredSoftplus(nn.Module):
 def freeze_for_inference(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every LCNN layer that has an inference form replaced by it: each
     activation with beta a constant, each Lipschitz BN with its clip factor folded (eval use only)."""
-    if callable(getattr(model, "inference_form", None)):
-        return model.inference_form()
+    inference_form = getattr(model, "inference_form", None)
+    if callable(inference_form):
+        return inference_form()
     frozen = copy.deepcopy(model)
     for name, module in list(frozen.named_modules()):
         if name and callable(getattr(module, "inference_form", None)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,11 @@ class LipschitzBatchNorm(nn.Module):
     Works for 1d, 2d and 3d inputs alike.
     """
 
+    # buffers
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor
+
     def __init__(
         self,
         num_features: int,
@@ -61,12 +67,15 @@ class LipschitzBatchNorm(nn.Module):
     @classmethod
     def from_batchnorm(cls, bn: nn.Module, use_batch_stats: bool = True) -> LipschitzBatchNorm:
         """Copy a BatchNorm-like module (BatchNormNd, SyncBatchNorm, FrozenBatchNorm2d, ...)."""
+        running_mean, running_var = bn.running_mean, bn.running_var
+        if not isinstance(running_mean, torch.Tensor) or not isinstance(running_var, torch.Tensor):
+            raise TypeError(f"{type(bn).__name__} keeps no running statistics to copy")
         return cls.from_tensors(
             weight=getattr(bn, "weight", None),
             bias=getattr(bn, "bias", None),
-            running_mean=bn.running_mean,
-            running_var=bn.running_var,
-            eps=bn.eps,
+            running_mean=running_mean,
+            running_var=running_var,
+            eps=cast(float, bn.eps),  # a plain attribute, which mypy reads through Module.__getattr__
             momentum=getattr(bn, "momentum", 0.1),
             use_batch_stats=use_batch_stats,
             num_batches_tracked=getattr(bn, "num_batches_tracked", None),
@@ -218,6 +227,12 @@ class LipschitzBatchNorm(nn.Module):
 
 class FrozenLipschitzBatchNorm(nn.Module):
     """A LipschitzBatchNorm's eval-mode function with every value a constant (export only)."""
+
+    # buffers
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
 
     def __init__(
         self, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from types import EllipsisType
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ REORTHOGONALIZE_BELOW = 0.5**0.5
 # norm smaller than 1 (the bound still holds), while W / sigma(W) is singular at W = 0: a layer
 # whose weight starts at zero would get an enormous first gradient step and overflow.
 MIN_SIGMA = 1e-3
+
+# The layers NormalizedConv normalizes.
+ConvLayer = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
 
 def top_singular_pair(matrices: torch.Tensor) -> tuple[float, int, torch.Tensor]:
@@ -128,6 +132,11 @@ def single_tap(
     return tuple(taps)
 
 
+def tap_index(taps: Sequence[int]) -> tuple[EllipsisType | slice, ...]:
+    """The index of a conv weight that keeps only the kernel tap ``taps`` (a kernel of size 1)."""
+    return (..., *(slice(t, t + 1) for t in taps))
+
+
 class _DivideBySigma(torch.autograd.Function):
     """y / sigma for a scalar sigma, keeping the quotient for backward instead of y.
 
@@ -167,6 +176,11 @@ class _OperatorNormalized(nn.Module):
 
     weight: nn.Parameter
     bias: nn.Parameter | None
+    scale: nn.Parameter | None
+    # buffers (registered in _init_normalization)
+    sigma: torch.Tensor
+    input_shape: torch.Tensor
+    _power_vector: torch.Tensor | None
 
     def _init_normalization(self, input_shape: Sequence[int], explicit_scale: bool) -> None:
         self.register_buffer("sigma", torch.ones((), device=self.weight.device))
@@ -236,6 +250,7 @@ class _OperatorNormalized(nn.Module):
         if self._power_vector is None or tuple(self._power_vector.shape[1:]) != tuple(input_shape):
             self.input_shape = torch.tensor(list(input_shape), dtype=torch.long)
             self.estimate_operator_norm()
+        assert self._power_vector is not None  # estimate_operator_norm sets it
         vector, _ = self._power_step(self._power_vector, self.weight.detach())
         self._power_vector = vector
         # sqrt of a clamped sum of squares: norm() has a 0/0 gradient at an all-zero weight
@@ -265,7 +280,7 @@ class _OperatorNormalized(nn.Module):
         return 0.0
 
     @torch.no_grad()
-    def _normalize_from(self, source: nn.Module, sigma: float | None) -> float:
+    def _normalize_from(self, source: ConvLayer | nn.Linear, sigma: float | None) -> float:
         """Copy ``source``'s parameters and divide them by its operator norm.
 
         With an explicit scale, scale = sigma and the layer is unchanged. Without one, the bias is
@@ -280,6 +295,7 @@ class _OperatorNormalized(nn.Module):
                 sigma = 1.0 if not self.weight.any() else MIN_SIGMA
         self.sigma.fill_(sigma)
         if self.bias is not None:
+            assert source.bias is not None  # the layer has a bias exactly when its source has one
             self.bias.copy_(source.bias if self.scale is not None else source.bias / sigma)
         if self.scale is not None:
             self.scale.fill_(sigma)
@@ -294,7 +310,7 @@ class NormalizedConv(_OperatorNormalized):
 
         return InputGradientConv.from_conv(self)
 
-    def __init__(self, conv: nn.Module, input_shape: Sequence[int], explicit_scale: bool) -> None:
+    def __init__(self, conv: ConvLayer, input_shape: Sequence[int], explicit_scale: bool) -> None:
         super().__init__()
         self.dims = conv.weight.dim() - 2
         self.in_channels = conv.in_channels
@@ -305,7 +321,9 @@ class NormalizedConv(_OperatorNormalized):
         self.dilation = conv.dilation
         self.groups = conv.groups
         self.padding_mode = conv.padding_mode
-        self._reversed_padding_repeated_twice = getattr(conv, "_reversed_padding_repeated_twice", None)
+        self._reversed_padding_repeated_twice: list[int] | None = getattr(
+            conv, "_reversed_padding_repeated_twice", None
+        )
         self.weight = nn.Parameter(torch.empty_like(conv.weight))
         self.bias = nn.Parameter(torch.empty_like(conv.bias)) if conv.bias is not None else None
         self._init_normalization(input_shape, explicit_scale)
@@ -313,7 +331,7 @@ class NormalizedConv(_OperatorNormalized):
     @classmethod
     def from_conv(
         cls,
-        conv: nn.Module,
+        conv: ConvLayer,
         input_shape: Sequence[int],
         explicit_scale: bool,
         sigma: float | None = None,
@@ -333,14 +351,15 @@ class NormalizedConv(_OperatorNormalized):
         unpadded = self.padding in ("valid", "same") or not any(self.padding)
         taps = self._single_tap(self.input_shape.tolist()[1:])
         if taps is not None:
-            weight = weight[(..., *(slice(t, t + 1) for t in taps))]
+            weight = weight[tap_index(taps)]
         elif any(k != 1 for k in self.kernel_size) or not unpadded:
             return None
         matrices = weight.reshape(self.groups, self.out_channels // self.groups, -1)
         norm, group, top = top_singular_pair(matrices)
         vector = torch.zeros((1, *self.input_shape.tolist()), dtype=weight.dtype, device=weight.device)
         width = self.in_channels // self.groups
-        vector[(0, slice(group * width, (group + 1) * width), *([0] * self.dims))] = top.to(vector)
+        index: tuple[int | slice, ...] = (0, slice(group * width, (group + 1) * width), *([0] * self.dims))
+        vector[index] = top.to(vector)
         return norm, vector
 
     def _operator(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -349,8 +368,9 @@ class NormalizedConv(_OperatorNormalized):
         eager = not (isinstance(x, torch.fx.Proxy) or tracing)  # a traced graph keeps the general conv
         taps = self._single_tap(x.shape[2:]) if eager else None
         if taps is not None:
-            return conv(x, weight[(..., *(slice(t, t + 1) for t in taps))], None, 1, 0, 1, self.groups)
+            return conv(x, weight[tap_index(taps)], None, 1, 0, 1, self.groups)
         if self.padding_mode != "zeros":
+            assert self._reversed_padding_repeated_twice is not None  # every torch conv sets it
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return conv(x, weight, None, self.stride, 0, self.dilation, self.groups)
         return conv(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
@@ -364,7 +384,10 @@ class NormalizedConv(_OperatorNormalized):
     def inference_form(self) -> nn.Module:
         """A plain conv with the eval-mode weight (weight / sigma, times the scale) as its weight:
         exported, a Conv on a constant instead of the Clip and Div that normalise it at every run."""
-        conv_type = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[self.dims - 1]
+        # Callable[...]: torch types Conv2d's sizes as 2-tuples, the stored ones as tuple[int, ...]
+        # (here of the length the class needs)
+        conv_types: tuple[Callable[..., ConvLayer], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        conv_type = conv_types[self.dims - 1]
         conv = conv_type(
             self.in_channels,
             self.out_channels,
@@ -381,6 +404,7 @@ class NormalizedConv(_OperatorNormalized):
         with torch.no_grad():
             conv.weight.copy_(_folded_weight(self))
             if self.bias is not None:
+                assert conv.bias is not None  # built with bias=True
                 conv.bias.copy_(self.bias)
         return conv.eval()
 
@@ -438,12 +462,12 @@ class NormalizedLinear(_OperatorNormalized):
                 linear.bias.copy_(self.bias)
         return linear.eval()
 
+    def extra_repr(self) -> str:
+        scale = f", scale={float(self.scale.detach()):.4g}" if self.scale is not None else ""
+        return f"{self.in_features}, {self.out_features}, sigma={float(self.sigma):.4g}{scale}"
+
 
 def _folded_weight(layer: _OperatorNormalized) -> torch.Tensor:
     with torch.no_grad():
         weight = layer.weight / layer.sigma.clamp_min(MIN_SIGMA)
         return weight * layer.scale if layer.scale is not None else weight
-
-    def extra_repr(self) -> str:
-        scale = f", scale={float(self.scale.detach()):.4g}" if self.scale is not None else ""
-        return f"{self.in_features}, {self.out_features}, sigma={float(self.sigma):.4g}{scale}"

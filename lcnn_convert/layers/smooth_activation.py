@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -276,7 +277,7 @@ class SmoothRelu:
     """
 
     name: str
-    function: Callable[[torch.Tensor, float], torch.Tensor]
+    function: Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]
     slope_range: tuple[float, float]
     curvature: float
     moment: float
@@ -372,13 +373,16 @@ class SmoothPiecewiseLinear(SmoothActivation):
         )
 
 
-def _piecewise(x: torch.Tensor, beta: torch.Tensor | float, spec: SmoothPiecewiseLinear) -> torch.Tensor:
+def _piecewise(
+    x: torch.Tensor, beta: torch.Tensor | float, spec: SmoothPiecewiseLinear | _PiecewiseSpec
+) -> torch.Tensor:
     r = spec.relu.function
     y = x * spec.slope + spec.value_at_zero if spec.slope else None
     for kink, weight in zip(spec.kinks, spec.weights):
         at_zero = r(x.new_tensor(-kink), beta)  # keeps f(0) exact at every beta
         term = (r(x - kink, beta) - at_zero) * weight
         y = term + spec.value_at_zero if y is None else y + term
+    assert y is not None  # a spec has at least one kink
     return y
 
 
@@ -401,7 +405,13 @@ class _PiecewiseSpec:
     relu: SmoothRelu
 
 
-HARD_SIGMOID = {"kinks": (-3.0, 3.0), "weights": (1 / 6, -1 / 6), "value_at_zero": 0.5}
+class PiecewiseConstants(TypedDict):
+    kinks: tuple[float, ...]
+    weights: tuple[float, ...]
+    value_at_zero: float
+
+
+HARD_SIGMOID: PiecewiseConstants = {"kinks": (-3.0, 3.0), "weights": (1 / 6, -1 / 6), "value_at_zero": 0.5}
 
 
 class SmoothHardswish(SmoothActivation):
