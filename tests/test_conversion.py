@@ -13,7 +13,7 @@ from torch import nn
 
 import lcnn_convert as lc
 from lcnn_convert import CenteredSoftplus, LipschitzBatchNorm, NormalizedConv, NormalizedLinear
-from lcnn_convert.conversion import DEFAULT_BETA, ReplacementRule, match_module
+from lcnn_convert.conversion import DEFAULT_BETA, ConversionReport, ReplacementRule, match_module
 from lcnn_convert.conversion.api import NO_DATA_NOTE
 from lcnn_convert.conversion.calibrate import DEFAULT_LOGIT_TOLERANCE
 from lcnn_convert.fidelity import relative_logit_errors
@@ -146,6 +146,16 @@ def test_without_data_beta_is_calibrated_on_inputs_synthesised_from_batchnorm_st
     with torch.no_grad():
         drift = relative_logit_errors(data_free(held_out), trained_digits_net(held_out)).mean().item()
     assert drift <= 1.5 * DEFAULT_LOGIT_TOLERANCE
+
+
+def test_the_report_round_trips_through_its_dict(trained_digits_net, digits):
+    """A fine-tuning checkpoint keeps the conversion report as a dict; --resume rebuilds it."""
+    images, _ = digits
+    report = lc.conversion_report(lc.convert(trained_digits_net, images[1400:1464]))
+    assert report.fidelity is not None and report.activations_replaced and report.beta.mean is not None
+    assert ConversionReport.from_dict(report.to_dict()) == report
+    with pytest.raises(lc.LcnnError, match="no conversion report"):
+        lc.conversion_report(trained_digits_net)
 
 
 def test_fixed_beta_and_default_beta_without_inputs(trained_digits_net):

@@ -16,9 +16,11 @@ import lcnn_convert as lc
 from lcnn_convert import CenteredSoftplus
 from lcnn_convert.measure import (
     PGD_DEFAULTS,
+    ModelMetrics,
     adversarial_accuracy,
     estimate_curvature,
     evaluate_accuracy,
+    measure_model,
     pgd_attack,
     relu_stand_in,
 )
@@ -274,3 +276,16 @@ def test_evaluate_accuracy_on_tensors_and_datasets(digits, trained_digits_net):
     assert first_ten == pytest.approx(float(correct[:10].mean()))
     with pytest.raises(ValueError, match="no examples"):
         evaluate_accuracy(trained_digits_net, (images[:0], labels[:0]))
+
+
+def test_a_models_metrics_round_trip_through_their_dict(digits, trained_digits_net):
+    """report.json's and the checkpoint's form of ModelMetrics; the per-example curvatures travel apart."""
+    images, labels = digits[0][1400:1432], digits[1][1400:1432]
+    metrics = measure_model(
+        trained_digits_net, (images, labels), 8, {"l2": 0.5, "linf": 8 / 255}, mean=(0.5,), std=(0.5,)
+    )
+    assert len(metrics.curvature.per_example_curvature) == 8 and set(metrics.robustness) == {"l2", "linf"}
+    assert metrics.pgd_l2_accuracy == metrics.robustness["l2"].at(0.5) is not None
+    data = json.loads(json.dumps(metrics.to_dict()))
+    assert "per_example_curvature" not in data and data["curvature_examples"] == 8
+    assert ModelMetrics.from_dict(data, metrics.curvature.per_example_curvature) == metrics
