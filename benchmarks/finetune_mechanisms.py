@@ -198,7 +198,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="timm:efficientnet_b0", choices=list(MODELS))
     parser.add_argument("--size", type=int, default=None, help="image size (default: the tests' for MODEL)")
-    parser.add_argument("--mechanism", default="defaults", choices=list(MECHANISMS))
+    parser.add_argument(
+        "--mechanism", nargs="+", default=["defaults"], choices=list(MECHANISMS), help="one or more, applied together"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--activation", default="centered_softplus", choices=("centered_softplus", "swish"))
@@ -219,7 +221,8 @@ def main() -> int:
     accuracy = evaluate_accuracy(original, splits.test)
     curvature = estimate_curvature(original, splits.test, max_examples=CURVATURE_EXAMPLES).curvature_mean
     print(
-        f"{args.model} {size}px, {args.mechanism}, {' '.join(args.set) or 'default settings'}, {args.activation}: "
+        f"{args.model} {size}px, {' + '.join(args.mechanism)}, {' '.join(args.set) or 'default settings'}, "
+        f"{args.activation}: "
         f"original {accuracy:.2%}, mean curvature {curvature:.3f}"
     )
     print("| seed | accuracy | curvature | per family: median β, β × input RMS (before → after) |")
@@ -231,7 +234,9 @@ def main() -> int:
         converted = convert_with_options(original, data, options)
         before = sharpness(converted, held_out[:256])
         config = config_from_settings([*args.set, f"seed={seed}"])
-        with MECHANISMS[args.mechanism](converted):
+        with contextlib.ExitStack() as mechanisms:
+            for name in args.mechanism:
+                mechanisms.enter_context(MECHANISMS[name](converted))
             finetune_stage.finetune(
                 converted,
                 splits.train,
