@@ -7,8 +7,9 @@
 Trains MODEL on digits with the test suite's recipe (tests/conftest.py, cached in --cache), converts
 it as the pipeline does (beta calibrated on 256 train images), fine-tunes it with
 ``lcnn_convert.finetune`` (teacher: the original, BatchNorm refresh on the calibration pool) and
-prints the test accuracy, the mean normalized curvature on 128 test images and, per activation
-family, the median beta and beta x RMS of the site's input (256 test images) before and after.
+prints the test accuracy, the mean normalized curvature on 128 test images, the fine-tuning time
+and, per activation family, the median beta and beta x RMS of the site's input (256 test images)
+before and after.
 
 ``--mechanism`` swaps one piece of the fine-tuning for an alternative that is *not* in the library,
 to measure what each piece does (docs/finetuning.md, "efficientnet_b0: what moves the curvature"):
@@ -225,8 +226,8 @@ def main() -> int:
         f"{args.activation}: "
         f"original {accuracy:.2%}, mean curvature {curvature:.3f}"
     )
-    print("| seed | accuracy | curvature | per family: median β, β × input RMS (before → after) |")
-    print("|---:|---:|---:|---|")
+    print("| seed | accuracy | curvature | fine-tuning | per family: median β, β × input RMS (before → after) |")
+    print("|---:|---:|---:|---:|---|")
     for seed in args.seeds:
         torch.manual_seed(0)
         options = ConvertOptions(beta="auto", rules=default_rules(args.activation), input_size=(3, size, size), seed=0)
@@ -237,7 +238,7 @@ def main() -> int:
         with contextlib.ExitStack() as mechanisms:
             for name in args.mechanism:
                 mechanisms.enter_context(MECHANISMS[name](converted))
-            finetune_stage.finetune(
+            result = finetune_stage.finetune(
                 converted,
                 splits.train,
                 splits.test,
@@ -255,7 +256,7 @@ def main() -> int:
         )
         print(
             f"| {seed} | {tuned_accuracy:.2%} ({100 * (tuned_accuracy - accuracy):+.2f} pt) | ÷{curvature / tuned:.1f} "
-            f"| {families} |",
+            f"| {result.seconds:.0f} s, {result.steps} steps | {families} |",
             flush=True,
         )
     return 0

@@ -9,8 +9,8 @@ eval accuracy). Estimating the statistics first gives gamma its real starting va
 
 from __future__ import annotations
 
-from collections.abc import Sized
-from contextlib import ExitStack
+from collections.abc import Iterator, Sized
+from contextlib import ExitStack, contextmanager
 from typing import Protocol, TypeGuard
 
 import torch
@@ -44,6 +44,23 @@ def has_untrained_batchnorm(model: nn.Module) -> bool:
     """True when every BatchNorm still has its initial running statistics (mean 0, variance 1)."""
     norms = _running_stat_norms(model)
     return bool(norms) and all(not bool(m.running_mean.any()) and bool((m.running_var == 1).all()) for m in norms)
+
+
+@contextmanager
+def running_statistics_held(model: nn.Module) -> Iterator[None]:
+    """Train-mode forward passes inside normalise with their batch statistics as usual but leave
+    every running mean, variance and batch count as it was: a second pass over part of a batch
+    (the gradient-norm penalty's) would otherwise count those images twice."""
+    norms = [m for m in _running_stat_norms(model) if getattr(m, "training", False)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for norm in norms:
+        norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch, for BatchNorm and LipschitzBatchNorm
+    try:
+        yield
+    finally:
+        for norm, (momentum, count) in zip(norms, saved):
+            norm.momentum = momentum
+            norm.num_batches_tracked.copy_(count)
 
 
 MIN_STATISTICS_BATCH = 16

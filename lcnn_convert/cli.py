@@ -313,6 +313,14 @@ def convert_command(
             help="Weight of the input-gradient-norm penalty (double backprop; 0 = off).",
         ),
     ] = TRAINING.lambda_grad,
+    grad_norm_share: Annotated[
+        float,
+        typer.Option(
+            rich_help_panel=PANEL_FINETUNING,
+            help="Share of each batch the gradient-norm penalty is computed on (at least 2 images; 1 = all: "
+            "each covered image costs about two training steps).",
+        ),
+    ] = TRAINING.grad_norm_share,
     distill: Annotated[
         float,
         typer.Option(
@@ -376,6 +384,7 @@ def convert_command(
         smoothness=smoothness,
         lambda_gamma=lambda_gamma,
         lambda_grad=grad_norm,
+        grad_norm_share=grad_norm_share,
         distill=distill,
         refresh_batchnorm=refresh_bn,
     )

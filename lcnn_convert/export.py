@@ -21,6 +21,7 @@ from torch import nn
 from .defaults import DEFAULT_OPSET
 from .errors import LcnnError, first_line
 from .io import out_of_space
+from .fold_scales import fold_activation_scales
 from .layers.inference import freeze_for_inference
 
 # The newest opset torch.onnx writes (onnxruntime runs it); past it the exporter silently writes another.
@@ -137,6 +138,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     external_data: bool | None = None,
     frozen: bool = True,
+    fold: bool = True,
 ) -> Path:
     """Export ``model`` in eval mode on the CPU to ``path`` and check it.
 
@@ -145,7 +147,8 @@ def export_onnx(
     The file passes onnx.checker and uses only default-domain ops. With ``frozen`` (the default)
     every centered softplus is exported in its inference form, beta a constant
     (``layers.inference``): the learnable form costs ~1.5x the original's latency in
-    onnxruntime, see docs/benchmarks.md. Models with more than ~1.8 GB of
+    onnxruntime, see docs/benchmarks.md. With ``fold`` as well, beta, 1/beta and the log 2 shift
+    move into the neighbouring layers' constants wherever that is exact (``fold_scales``). Models with more than ~1.8 GB of
     weights (``external_data=None``), or any model with ``external_data=True``, keep their tensors
     in ``path`` + ".data" beside the graph; onnxruntime and onnx.load find it by the graph's path.
 
@@ -157,6 +160,8 @@ def export_onnx(
     model = copy.deepcopy(model).cpu().eval()
     if frozen:
         model = freeze_for_inference(model)
+        if fold:
+            model, _ = fold_activation_scales(model)
     external = needs_external_data(model) if external_data is None else external_data
     example_input = example_input.detach().cpu()
     data_path = external_data_path(path)

@@ -3,6 +3,8 @@
 loss = (1 - distill) * CE + distill * KL(original || model) + lambda_beta * sum(c * beta)
        + lambda_gamma * sum(|log gamma|) [+ lambda_grad * mean ||d CE_i / dx||^2]
 
+(the last mean over ``grad_norm_share`` of each batch: see ``cross_entropy_and_grad_penalty``)
+
 What makes a few epochs enough (docs/finetuning.md has the sweep behind each default):
 
 - log beta learns at ``beta_lr`` (BETA_LR_FACTOR x lr): at the common lr the penalty moves a
@@ -38,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from .bn_statistics import recalibrate_batchnorm
+from .bn_statistics import recalibrate_batchnorm, running_statistics_held
 from .distributed import DistributedContext, sum_across_ranks
 from .data import UnreadableExample
 from .errors import LcnnError, first_line
@@ -51,7 +53,7 @@ from .finetune_config import (  # noqa: F401  (re-exported: the names this stage
     auto_batch_size,
 )
 from .io import atomic_file
-from .layers import LipschitzBatchNorm, SmoothActivation
+from .layers import LipschitzBatchNorm, SmoothActivation, one_norm_per_step
 from .layers.centered_softplus import BETA_MAX
 from .layers.normalized_linear import _OperatorNormalized
 from .measure import evaluate_accuracy
@@ -321,21 +323,55 @@ def _running_statistics_for_one_example(model: nn.Module, batch: int) -> Iterato
             module.train()
 
 
+def penalty_examples(batch: int, share: float) -> int:
+    """How many of a batch's examples the gradient-norm penalty is computed on: ``share`` of them,
+    rounded up, at least 2 (a train-mode BatchNorm needs two values per channel), at most all."""
+    return min(batch, max(2, math.ceil(batch * share)))
+
+
 def cross_entropy_and_grad_penalty(
-    model: nn.Module, images, labels, lambda_grad: float, teacher_logits=None, distill: float = 0.0
+    model: nn.Module,
+    images,
+    labels,
+    lambda_grad: float,
+    teacher_logits=None,
+    distill: float = 0.0,
+    share: float = 1.0,
 ):
     """(label loss, gradient penalty). The label loss is the cross-entropy, mixed with the KL
-    divergence to ``teacher_logits`` by ``distill``; the penalty is on the cross-entropy's input
-    gradient, 0 unless ``lambda_grad``."""
+    divergence to ``teacher_logits`` by ``distill``; the penalty is the mean squared norm of the
+    cross-entropy's input gradient, 0 unless ``lambda_grad``.
+
+    With ``share`` < 1 the penalty is computed on the first ``penalty_examples`` images only (an
+    unbiased estimate of the whole batch's mean on a shuffled batch), in a second pass that leaves
+    the BatchNorm running statistics alone and shares the first pass's norm estimates; both
+    graphs are freed by the one backward of the summed loss.
+    """
     if lambda_grad == 0:
         logits = model(images)
         return label_loss(logits, labels, teacher_logits, distill), images.new_zeros(())
-    images = images.detach().requires_grad_(True)
-    logits = model(images)
+    count = penalty_examples(len(images), share)
+    if count == len(images):
+        images = images.detach().requires_grad_(True)
+        logits = model(images)
+        return label_loss(logits, labels, teacher_logits, distill), _input_gradient_penalty(logits, labels, images)
+    # The penalty's pass runs on the module itself: under DistributedDataParallel a second forward of
+    # the wrapper before backward would be a second reduction; its gradients reach the same
+    # parameters and are reduced with the first pass's.
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    with one_norm_per_step(module):
+        logits = model(images)
+        penalised = images[:count].detach().requires_grad_(True)
+        with running_statistics_held(module):
+            penalty = _input_gradient_penalty(module(penalised), labels[:count], penalised)
+    return label_loss(logits, labels, teacher_logits, distill), penalty
+
+
+def _input_gradient_penalty(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """mean_i ||d CE_i / d x_i||^2, differentiable (double backward)."""
     per_example = F.cross_entropy(logits, labels, reduction="none")
     (input_gradient,) = torch.autograd.grad(per_example.sum(), images, create_graph=True)
-    penalty = input_gradient.flatten(1).square().sum(1).mean()
-    return label_loss(logits, labels, teacher_logits, distill), penalty
+    return input_gradient.flatten(1).square().sum(1).mean()
 
 
 def label_loss(
@@ -465,7 +501,13 @@ def finetune(
                             teacher_logits = teacher(images)
                     with _running_statistics_for_one_example(model, len(labels)):
                         label_term, grad_penalty = cross_entropy_and_grad_penalty(
-                            trained, images, labels, config.lambda_grad, teacher_logits, config.distill
+                            trained,
+                            images,
+                            labels,
+                            config.lambda_grad,
+                            teacher_logits,
+                            config.distill,
+                            config.grad_norm_share,
                         )
                 beta_sum, gamma_sum = regularisers(model)
                 terms = {

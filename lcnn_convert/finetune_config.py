@@ -16,6 +16,10 @@ MIN_STEPS_PER_EPOCH = 40
 BETA_LR_FACTOR = 10.0
 # --smoothness 1 puts this weight on sum(c * beta), c each family's sharpness_per_beta.
 LAMBDA_BETA_PER_SMOOTHNESS = 1e-2
+# The gradient-norm penalty's double backward costs about twice a training step for every image it
+# covers (each conv runs six times instead of three): computed on this share of each batch, a step
+# with it costs under 2x one without (docs/benchmarks.md; the curvature it reaches: docs/finetuning.md).
+GRAD_NORM_SHARE = 0.125
 
 
 def auto_batch_size(train_examples: int, world_size: int = 1) -> int:
@@ -44,6 +48,7 @@ class FinetuneConfig:
     smoothness: float = 1.0
     lambda_gamma: float = 1e-2
     lambda_grad: float = 0.0
+    grad_norm_share: float = GRAD_NORM_SHARE
     distill: float = 0.5
     refresh_batchnorm: bool = True
     seed: int = 0
@@ -75,6 +80,7 @@ class FinetuneConfig:
             ("smoothness", self.smoothness >= 0, "must be >= 0"),
             ("lambda_gamma", self.lambda_gamma >= 0, "must be >= 0"),
             ("lambda_grad", self.lambda_grad >= 0, "must be >= 0"),
+            ("grad_norm_share", 0 < self.grad_norm_share <= 1, "must lie in (0, 1]"),
             ("distill", 0 <= self.distill <= 1, "must lie in [0, 1]"),
         ]
         for setting, ok, requirement in checks:

@@ -228,7 +228,17 @@ def test_the_cli_defaults_are_the_library_defaults():
     for name in ("opset", "atol", "seed", "calibration_examples", "min_agreement", "logit_tolerance", "eval_examples"):
         assert defaults[name] == getattr(job, name), name
     options = {"grad_norm": "lambda_grad", "refresh_bn": "refresh_batchnorm"}
-    for name in ("epochs", "lr", "weight_decay", "smoothness", "lambda_gamma", "grad_norm", "distill", "refresh_bn"):
+    for name in (
+        "epochs",
+        "lr",
+        "weight_decay",
+        "smoothness",
+        "lambda_gamma",
+        "grad_norm",
+        "grad_norm_share",
+        "distill",
+        "refresh_bn",
+    ):
         assert defaults[name] == getattr(training, options.get(name, name)), name
     assert defaults["optimizer"] in (training.optimizer, cli.Optimizer(training.optimizer))
     assert defaults["device"] in (job.device, cli.Device(job.device))

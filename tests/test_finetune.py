@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import lcnn_convert as lc
 from lcnn_convert.errors import InvalidSetting
+from lcnn_convert.bn_statistics import running_statistics_held
 from lcnn_convert.finetune import (
     BETA_LR_FACTOR,
     FinetuneConfig,
+    _input_gradient_penalty,
     _parameter_groups,
+    cross_entropy_and_grad_penalty,
     finetune,
     load_checkpoint,
+    penalty_examples,
     regularisers,
 )
+from lcnn_convert.layers import one_norm_per_step
 
 from .conftest import SmallDigitsNet
 
@@ -70,6 +77,64 @@ def test_finetuning_learns_and_the_beta_penalty_lowers_beta(digits, digit_tensor
         converted_net(digits), train, test, FinetuneConfig(epochs=1, batch_size=64, lambda_grad=1.0)
     )
     assert with_penalty.history[0].grad_term > 0
+
+
+def test_penalty_examples_are_a_share_of_the_batch_rounded_up_at_least_two():
+    assert [penalty_examples(batch, 0.125) for batch in (1, 2, 3, 16, 17, 64, 128)] == [1, 2, 2, 2, 3, 8, 16]
+    assert penalty_examples(64, 1.0) == 64 and penalty_examples(64, 0.5) == 32
+
+
+def _norm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in model.state_dict().items() if "running" in key or "tracked" in key}
+
+
+def test_penalty_on_part_of_the_batch_is_that_part_s_penalty_and_counts_the_batch_once(digits):
+    images, labels = digits[0][:64], digits[1][:64]
+    model = converted_net(digits).train()
+    reference = copy.deepcopy(model)
+    label_term, penalty = cross_entropy_and_grad_penalty(model, images, labels, 1.0, share=0.125)
+    (label_term + penalty).backward()
+
+    # the same two passes, one at a time, on a copy: the first updates the running statistics,
+    # the second (eight images) is the penalty's and must not
+    with one_norm_per_step(reference):
+        expected_label = F.cross_entropy(reference(images), labels)
+        after_first_pass = _norm_buffers(reference)
+        part = images[:8].clone().requires_grad_(True)
+        with running_statistics_held(reference):
+            expected_penalty = _input_gradient_penalty(reference(part), labels[:8], part)
+    (expected_label + expected_penalty).backward()
+    assert _norm_buffers(reference).keys() == after_first_pass.keys() and after_first_pass
+    for key, value in _norm_buffers(reference).items():
+        assert torch.equal(value, after_first_pass[key]), key
+        assert torch.equal(value, _norm_buffers(model)[key]), key
+    assert label_term.item() == pytest.approx(expected_label.item(), rel=1e-6)
+    assert penalty.item() == pytest.approx(expected_penalty.item(), rel=1e-5) and penalty.item() > 0
+    gradients = dict(model.named_parameters())
+    for name, parameter in reference.named_parameters():
+        assert parameter.grad is not None, name
+        torch.testing.assert_close(gradients[name].grad, parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_one_norm_per_step_takes_one_power_step_for_two_passes(digits):
+    images = digits[0][:16]
+    model = converted_net(digits).train()
+    normalized = [m for m in model.modules() if isinstance(m, lc.NormalizedConv)]
+    assert normalized
+    model(images)
+    vectors = [m._power_vector.clone() for m in normalized]
+    twice = copy.deepcopy(model)
+    model(images)
+    once_more = [m._power_vector.clone() for m in normalized]
+    with one_norm_per_step(twice):
+        twice(images)
+        twice(images[:4])
+    for layer, before, after in zip(
+        (m for m in twice.modules() if isinstance(m, lc.NormalizedConv)), vectors, once_more
+    ):
+        assert not torch.equal(before, after)  # a pass outside moves the vector one step
+        torch.testing.assert_close(layer._power_vector, after, rtol=0, atol=0)
+        assert layer._step_sigma is None and not layer._sharing_sigma
 
 
 def test_resumed_run_ends_in_the_same_state(digits, digit_tensors, tmp_path):
@@ -125,6 +190,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits, digit_tensors
         ("distill", 1.5, re.escape("distill must lie in [0, 1]")),
         ("lambda_gamma", -0.1, "lambda_gamma must be >= 0"),
         ("lambda_grad", -2.0, "lambda_grad must be >= 0"),
+        ("grad_norm_share", 0.0, re.escape("grad_norm_share must lie in (0, 1]")),
         ("lr", 0.0, "lr must be > 0"),
         ("batch_size", 0, "batch_size must be >= 1"),
         ("optimizer", "adam", "optimizer must be sgd or adamw, got adam"),

@@ -8,7 +8,7 @@ activations, ``inference_form()`` (the export form, beta a constant) and ``calib
 
 from .centered_softplus import CenteredSoftplus
 from .lipschitz_batchnorm import LipschitzBatchNorm, LipschitzBatchNormAct
-from .normalized_linear import NormalizedConv, NormalizedLinear
+from .normalized_linear import NormalizedConv, NormalizedLinear, one_norm_per_step
 from .smooth_activation import (
     BETA_MAX,
     BETA_MIN,
@@ -37,4 +37,5 @@ __all__ = [
     "SmoothActivation",
     "SmoothHardswish",
     "SmoothPiecewiseLinear",
+    "one_norm_per_step",
 ]

@@ -19,24 +19,32 @@ LOG2 = math.log(2.0)
 
 
 class FrozenCenteredSoftplus(nn.Module):
-    """s(x) = (relu(t) - log(sigmoid(|t|)) - log 2) / beta with t = beta x (+ shift), beta a constant.
+    """s(x) = (relu(t) - log(sigmoid(|t|)) - log 2) / beta + shift with t = beta x, beta a constant.
 
     The same function as CenteredSoftplus, (softplus(t) - log 2) / beta, since softplus(t) =
     relu(t) + log(1 + exp(-|t|)) = relu(t) - log(sigmoid(|t|)). sigmoid(|t|) lies in [1/2, 1], so the
     log is finite in every dtype, and onnxruntime's Sigmoid kernel is vectorised where its Exp and
     Softplus are slower.
+
+    Written as ((softplus(t) - offset) * output_scale) with t = input_scale * x, offset = log 2 -
+    beta * shift and output_scale = 1 / beta: ``fold_scales`` moves input_scale, output_scale and
+    offset into neighbouring layers where that is exact and sets them to 1, 1 and 0, and an op
+    whose constant is neutral is not emitted.
     """
 
     def __init__(self, beta: float, shift: float = 0.0) -> None:
         super().__init__()
         self.beta = float(beta)
-        self.inverse_beta = 1.0 / self.beta
         self.shift = float(shift)
+        self.input_scale = self.beta
+        self.output_scale = 1.0 / self.beta
+        self.offset = LOG2 - self.beta * self.shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = x * self.beta
-        y = (torch.relu(t) - (torch.log(torch.sigmoid(t.abs())) + LOG2)) * self.inverse_beta
-        return y + self.shift if self.shift else y
+        t = x * self.input_scale if self.input_scale != 1.0 else x
+        negative_part = torch.log(torch.sigmoid(t.abs()))
+        y = torch.relu(t) - (negative_part + self.offset if self.offset else negative_part)
+        return y * self.output_scale if self.output_scale != 1.0 else y
 
     def extra_repr(self) -> str:
         return f"beta={self.beta:.4g}" + (f", shift={self.shift:.4g}" if self.shift else "")

@@ -13,7 +13,8 @@ In training, one power-iteration step per forward pass follows the weights as th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from types import EllipsisType
 
 import torch
@@ -181,6 +182,9 @@ class _OperatorNormalized(nn.Module):
     sigma: torch.Tensor
     input_shape: torch.Tensor
     _power_vector: torch.Tensor | None
+    # within one_norm_per_step: the step's differentiable sigma, once computed (None: not yet)
+    _step_sigma: torch.Tensor | None = None
+    _sharing_sigma: bool = False
 
     def _init_normalization(self, input_shape: Sequence[int], explicit_scale: bool) -> None:
         self.register_buffer("sigma", torch.ones((), device=self.weight.device))
@@ -247,6 +251,14 @@ class _OperatorNormalized(nn.Module):
         return estimate
 
     def _training_sigma(self, input_shape: Sequence[int]) -> torch.Tensor:
+        if self._sharing_sigma and self._step_sigma is not None:
+            return self._step_sigma
+        sigma = self._next_training_sigma(input_shape)
+        if self._sharing_sigma:
+            self._step_sigma = sigma
+        return sigma
+
+    def _next_training_sigma(self, input_shape: Sequence[int]) -> torch.Tensor:
         if self._power_vector is None or tuple(self._power_vector.shape[1:]) != tuple(input_shape):
             self.input_shape = torch.tensor(list(input_shape), dtype=torch.long)
             self.estimate_operator_norm()
@@ -300,6 +312,22 @@ class _OperatorNormalized(nn.Module):
         if self.scale is not None:
             self.scale.fill_(sigma)
         return sigma
+
+
+@contextmanager
+def one_norm_per_step(model: nn.Module) -> Iterator[None]:
+    """Every forward pass inside uses the first one's differentiable sigma per normalized layer:
+    a training step that runs the model twice (the gradient-norm penalty's extra pass over part of
+    the batch) takes one power-iteration step per layer, as a step with one pass does, and the
+    two passes' gradients meet in one sigma."""
+    layers = [m for m in model.modules() if isinstance(m, _OperatorNormalized)]
+    for layer in layers:
+        layer._sharing_sigma, layer._step_sigma = True, None
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._sharing_sigma, layer._step_sigma = False, None
 
 
 class NormalizedConv(_OperatorNormalized):
