@@ -47,20 +47,17 @@ def has_untrained_batchnorm(model: nn.Module) -> bool:
 
 
 @contextmanager
-def running_statistics_held(model: nn.Module) -> Iterator[None]:
-    """Train-mode forward passes inside normalise with their batch statistics as usual but leave
-    every running mean, variance and batch count as it was: a second pass over part of a batch
-    (the gradient-norm penalty's) would otherwise count those images twice."""
+def normalising_with_running_statistics(model: nn.Module) -> Iterator[None]:
+    """Every BatchNorm that keeps running statistics normalises with them, as in eval mode, and
+    leaves them as they are; the rest of the model stays in its mode."""
     norms = [m for m in _running_stat_norms(model) if getattr(m, "training", False)]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
     for norm in norms:
-        norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch, for BatchNorm and LipschitzBatchNorm
+        norm.train(False)
     try:
         yield
     finally:
-        for norm, (momentum, count) in zip(norms, saved):
-            norm.momentum = momentum
-            norm.num_batches_tracked.copy_(count)
+        for norm in norms:
+            norm.train(True)
 
 
 MIN_STATISTICS_BATCH = 16

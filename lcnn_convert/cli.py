@@ -317,8 +317,9 @@ def convert_command(
         float,
         typer.Option(
             rich_help_panel=PANEL_FINETUNING,
-            help="Share of each batch the gradient-norm penalty is computed on (at least 2 images; 1 = all: "
-            "each covered image costs about two training steps).",
+            help="Share of each batch the gradient-norm penalty is computed on, in a second pass that "
+            "normalises with the running BatchNorm statistics (1 = the whole batch, in the training pass; each "
+            "image it covers costs about two training steps).",
         ),
     ] = TRAINING.grad_norm_share,
     distill: Annotated[

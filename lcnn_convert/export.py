@@ -161,7 +161,7 @@ def export_onnx(
     if frozen:
         model = freeze_for_inference(model)
         if fold:
-            model, _ = fold_activation_scales(model)
+            model, _ = fold_activation_scales(model, example_input.detach().cpu())
     external = needs_external_data(model) if external_data is None else external_data
     example_input = example_input.detach().cpu()
     data_path = external_data_path(path)

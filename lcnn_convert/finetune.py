@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from .bn_statistics import recalibrate_batchnorm, running_statistics_held
+from .bn_statistics import normalising_with_running_statistics, recalibrate_batchnorm
 from .distributed import DistributedContext, sum_across_ranks
 from .data import UnreadableExample
 from .errors import LcnnError, first_line
@@ -307,26 +307,14 @@ def _reading(loader: DataLoader, epoch: int):
 def _running_statistics_for_one_example(model: nn.Module, batch: int) -> Iterator[None]:
     """A batch of a single image has no batch statistics (BatchNorm raises on a 1x1 feature map):
     it is normalised with the running ones instead. Batch size 1, or a last batch of one."""
-    norms = []
-    if batch == 1:
-        norms = [
-            m
-            for m in model.modules()
-            if isinstance(m, (nn.modules.batchnorm._BatchNorm, LipschitzBatchNorm)) and m.training
-        ]
-    for module in norms:
-        module.eval()
-    try:
+    with normalising_with_running_statistics(model) if batch == 1 else contextlib.nullcontext():
         yield
-    finally:
-        for module in norms:
-            module.train()
 
 
 def penalty_examples(batch: int, share: float) -> int:
     """How many of a batch's examples the gradient-norm penalty is computed on: ``share`` of them,
-    rounded up, at least 2 (a train-mode BatchNorm needs two values per channel), at most all."""
-    return min(batch, max(2, math.ceil(batch * share)))
+    rounded up."""
+    return min(batch, max(1, math.ceil(batch * share)))
 
 
 def cross_entropy_and_grad_penalty(
@@ -342,9 +330,10 @@ def cross_entropy_and_grad_penalty(
     divergence to ``teacher_logits`` by ``distill``; the penalty is the mean squared norm of the
     cross-entropy's input gradient, 0 unless ``lambda_grad``.
 
-    With ``share`` < 1 the penalty is computed on the first ``penalty_examples`` images only (an
-    unbiased estimate of the whole batch's mean on a shuffled batch), in a second pass that leaves
-    the BatchNorm running statistics alone and shares the first pass's norm estimates; both
+    With ``share`` < 1 the penalty is computed on the first ``penalty_examples`` images only, in a
+    second pass that normalises with the BatchNorm running statistics (the deployed model's
+    gradient, unbiased over a shuffled batch; the statistics of a handful of images would make
+    each one's gradient depend on the others) and shares the first pass's norm estimates; both
     graphs are freed by the one backward of the summed loss.
     """
     if lambda_grad == 0:
@@ -362,7 +351,7 @@ def cross_entropy_and_grad_penalty(
     with one_norm_per_step(module):
         logits = model(images)
         penalised = images[:count].detach().requires_grad_(True)
-        with running_statistics_held(module):
+        with normalising_with_running_statistics(module):
             penalty = _input_gradient_penalty(module(penalised), labels[:count], penalised)
     return label_loss(logits, labels, teacher_logits, distill), penalty
 

@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 import lcnn_convert as lc
 from lcnn_convert.errors import InvalidSetting
-from lcnn_convert.bn_statistics import running_statistics_held
+from lcnn_convert.bn_statistics import normalising_with_running_statistics
 from lcnn_convert.finetune import (
     BETA_LR_FACTOR,
     FinetuneConfig,
@@ -79,8 +79,8 @@ def test_finetuning_learns_and_the_beta_penalty_lowers_beta(digits, digit_tensor
     assert with_penalty.history[0].grad_term > 0
 
 
-def test_penalty_examples_are_a_share_of_the_batch_rounded_up_at_least_two():
-    assert [penalty_examples(batch, 0.125) for batch in (1, 2, 3, 16, 17, 64, 128)] == [1, 2, 2, 2, 3, 8, 16]
+def test_penalty_examples_are_a_share_of_the_batch_rounded_up():
+    assert [penalty_examples(batch, 0.125) for batch in (1, 2, 3, 16, 17, 64, 128)] == [1, 1, 1, 2, 3, 8, 16]
     assert penalty_examples(64, 1.0) == 64 and penalty_examples(64, 0.5) == 32
 
 
@@ -96,12 +96,12 @@ def test_penalty_on_part_of_the_batch_is_that_part_s_penalty_and_counts_the_batc
     (label_term + penalty).backward()
 
     # the same two passes, one at a time, on a copy: the first updates the running statistics,
-    # the second (eight images) is the penalty's and must not
+    # the second (eight images, the penalty's) normalises with them and leaves them alone
     with one_norm_per_step(reference):
         expected_label = F.cross_entropy(reference(images), labels)
         after_first_pass = _norm_buffers(reference)
         part = images[:8].clone().requires_grad_(True)
-        with running_statistics_held(reference):
+        with normalising_with_running_statistics(reference):
             expected_penalty = _input_gradient_penalty(reference(part), labels[:8], part)
     (expected_label + expected_penalty).backward()
     assert _norm_buffers(reference).keys() == after_first_pass.keys() and after_first_pass

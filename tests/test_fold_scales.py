@@ -100,3 +100,31 @@ def test_exported_resnet_carries_fewer_elementwise_ops_and_keeps_parity(name, tm
     assert all(folded[op] == unfolded[op] == activations for op in ("Relu", "Abs", "Sigmoid", "Log", "Sub"))
     assert summary.input_scales >= activations // 2 and summary.output_scales >= activations // 2
     assert lc.verify_onnx(converted, path, images, num_random=2).passed
+
+
+def test_a_plain_module_is_traced_and_left_unchanged_itself():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), FrozenCenteredSoftplus(5.0), nn.Conv2d(4, 2, 1)
+    ).eval()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    images = torch.randn(2, 3, 6, 6)
+    folded, summary = fold_activation_scales(model, images)
+    assert summary == FoldSummary(activations=1, input_scales=1, output_scales=1, shifts=1)
+    torch.testing.assert_close(folded(images), model(images), rtol=1e-5, atol=1e-6)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert model[2].input_scale == 5.0 and model[2].offset != 0
+
+
+def test_a_fold_that_changes_the_output_is_not_kept(monkeypatch):
+    from lcnn_convert import fold_scales
+
+    def wrong(reader: nn.Module, scale: float, offset: float) -> None:
+        reader.get_parameter("weight").data.mul_(2 * scale)
+
+    monkeypatch.setattr(fold_scales, "_absorb_input_map", wrong)
+    model = freeze_for_inference(_converted(Neighbours()))
+    images = torch.randn(2, 3, 12, 12)
+    folded, summary = fold_activation_scales(model, images)
+    assert folded is model and summary == FoldSummary(activations=3, input_scales=0, output_scales=0, shifts=0)
+    assert fold_activation_scales(model)[1].output_scales == 2  # unchecked, the wrong fold goes through
