@@ -20,8 +20,8 @@ from torch import nn
 
 from .defaults import DEFAULT_OPSET
 from .errors import LcnnError, first_line
-from .io import out_of_space
 from .fold_scales import fold_activation_scales
+from .io import out_of_space
 from .layers.inference import freeze_for_inference
 
 # The newest opset torch.onnx writes (onnxruntime runs it); past it the exporter silently writes another.
@@ -148,9 +148,10 @@ def export_onnx(
     every centered softplus is exported in its inference form, beta a constant
     (``layers.inference``): the learnable form costs ~1.5x the original's latency in
     onnxruntime, see docs/benchmarks.md. With ``fold`` as well, beta, 1/beta and the log 2 shift
-    move into the neighbouring layers' constants wherever that is exact (``fold_scales``). Models with more than ~1.8 GB of
-    weights (``external_data=None``), or any model with ``external_data=True``, keep their tensors
-    in ``path`` + ".data" beside the graph; onnxruntime and onnx.load find it by the graph's path.
+    move into the neighbouring layers' constants wherever that is exact (``fold_scales``). Models
+    with more than ~1.8 GB of weights (``external_data=None``), or any model with
+    ``external_data=True``, keep their tensors in ``path`` + ".data" beside the graph; onnxruntime
+    and onnx.load find it by the graph's path.
 
     Everything is built in a scratch directory beside ``path``; the data file is moved into place
     first and the graph last, so an existing ``path`` is only ever replaced by a complete export.

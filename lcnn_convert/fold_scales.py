@@ -99,7 +99,7 @@ def _fold(graph_module: fx.GraphModule) -> FoldSummary:
 
     activations = input_scales = output_scales = shifts = 0
     for node in list(graph_module.graph.nodes):
-        activation = called_once(node, (FrozenCenteredSoftplus,)) if node.op == "call_module" else None
+        activation = called_once(node, (FrozenCenteredSoftplus,))
         if not isinstance(activation, FrozenCenteredSoftplus):
             continue
         activations += 1
@@ -147,16 +147,16 @@ def _scale_output(layer: nn.Module, factor: float) -> bool:
     if not isinstance(weight, torch.Tensor):
         return False
     if isinstance(layer, nn.modules.batchnorm._BatchNorm) and (layer.training or not layer.track_running_stats):
-        return False
+        return False  # normalised by its batch's statistics, it would undo any scale
     weight.mul_(factor)
     if isinstance(bias, torch.Tensor):
         bias.mul_(factor)
-    elif isinstance(layer, (FrozenLipschitzBatchNorm, nn.modules.batchnorm._BatchNorm)):
-        return False  # an affine-free BatchNorm's output cannot be scaled through constants
     return True
 
 
 def _pads_with_zeros(layer: nn.Module) -> bool:
+    if getattr(layer, "padding_mode", "zeros") != "zeros":
+        return False  # reflect, replicate and circular padding shift with the values they copy
     padding = getattr(layer, "padding", 0)
     if isinstance(padding, str):
         return padding == "same"

@@ -128,3 +128,14 @@ def test_a_fold_that_changes_the_output_is_not_kept(monkeypatch):
     folded, summary = fold_activation_scales(model, images)
     assert folded is model and summary == FoldSummary(activations=3, input_scales=0, output_scales=0, shifts=0)
     assert fold_activation_scales(model)[1].output_scales == 2  # unchecked, the wrong fold goes through
+
+
+def test_the_shift_folds_into_a_reflect_padded_conv_and_not_a_zero_padded_one():
+    for padding_mode, shifts in (("reflect", 1), ("zeros", 0)):
+        model = nn.Sequential(
+            nn.Conv2d(3, 4, 1), FrozenCenteredSoftplus(5.0), nn.Conv2d(4, 2, 3, padding=1, padding_mode=padding_mode)
+        ).eval()
+        images = torch.randn(2, 3, 6, 6)
+        folded, summary = fold_activation_scales(model, images)
+        assert summary == FoldSummary(activations=1, input_scales=1, output_scales=1, shifts=shifts)
+        torch.testing.assert_close(folded(images), model(images), rtol=1e-5, atol=1e-6)
