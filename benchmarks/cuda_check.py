@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import lcnn_convert as lc  # noqa: E402
 from lcnn_convert import CenteredSoftplus  # noqa: E402
 from lcnn_convert.finetune import cross_entropy_and_grad_penalty, regularisers  # noqa: E402
+from lcnn_convert.finetune_config import GRAD_NORM_SHARE  # noqa: E402
 from lcnn_convert.measure import estimate_curvature  # noqa: E402
 from performance import BETA, random_model  # noqa: E402
 
@@ -130,7 +131,9 @@ def check_training_steps(batch: int, size: int, reps: int) -> None:
         def lcnn() -> torch.Tensor:
             lcnn_optimizer.zero_grad(set_to_none=True)
             with torch.autocast(DEVICE.type):
-                cross_entropy, penalty = cross_entropy_and_grad_penalty(converted, images, labels, lambda_grad)
+                cross_entropy, penalty = cross_entropy_and_grad_penalty(
+                    converted, images, labels, lambda_grad, share=GRAD_NORM_SHARE
+                )
                 beta_term, gamma_term = regularisers(converted)
                 loss = cross_entropy + 1e-2 * beta_term + 1e-2 * gamma_term + lambda_grad * penalty
             loss.backward()
