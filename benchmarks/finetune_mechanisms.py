@@ -26,6 +26,14 @@ to measure what each piece does (docs/finetuning.md, "efficientnet_b0: what move
   convs, the head) join the gamma term as |log scale|.
 - ``frozen-bn``: the training steps normalise with the running statistics (BatchNorm as in eval
   mode, statistics not updated); the refresh after the last epoch still re-estimates them.
+- ``tempered-teacher``: the soft targets are the original's logits divided by 4 (a less confident
+  teacher; the student's logits are not divided).
+- ``margin-penalty``: ``lambda_grad``'s penalty is the squared input gradient of the logit margin
+  (true class minus the runner-up) instead of the cross-entropy's, which vanishes on confident
+  examples.
+
+Every row also splits the curvature: the softmax's Gauss-Newton part alone (``curvature_parts``)
+and the mean logit margin.
 
 Run it alone: two CPU-heavy jobs slow each other down.
 """
@@ -52,7 +60,14 @@ from lcnn_convert.conversion.rules import default_rules  # noqa: E402
 from lcnn_convert.data import load_dataset  # noqa: E402
 from lcnn_convert.layers import LipschitzBatchNorm, SmoothActivation  # noqa: E402
 from lcnn_convert.layers.normalized_linear import _OperatorNormalized  # noqa: E402
-from lcnn_convert.measure import estimate_curvature, evaluate_accuracy  # noqa: E402
+from lcnn_convert.measure import (  # noqa: E402
+    _lanczos,
+    _nonzero,
+    _per_example_norm,
+    estimate_curvature,
+    evaluate_accuracy,
+    relu_stand_in,
+)
 from lcnn_convert.models import data_config, load_model_with_spec  # noqa: E402
 from lcnn_convert.pipeline import _examples  # noqa: E402
 from tests.conftest import DIGITS_MODELS, SILU_DIGITS_MODELS, train_on_digits  # noqa: E402
@@ -164,6 +179,35 @@ def frozen_bn(model: nn.Module) -> Iterator[None]:
         yield
 
 
+TEACHER_TEMPERATURE = 4.0
+
+
+@contextlib.contextmanager
+def tempered_teacher(model: nn.Module) -> Iterator[None]:
+    library = finetune_stage.label_loss
+
+    def label_loss(
+        logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None, distill: float
+    ) -> torch.Tensor:
+        softened = None if teacher_logits is None else teacher_logits / TEACHER_TEMPERATURE
+        return library(logits, labels, softened, distill)
+
+    with _patched(finetune_stage, "label_loss", label_loss):
+        yield
+
+
+@contextlib.contextmanager
+def margin_penalty(model: nn.Module) -> Iterator[None]:
+    def penalty(logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        true = logits.gather(1, labels[:, None]).squeeze(1)
+        runner_up = logits.masked_fill(nn.functional.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(1)
+        (input_gradient,) = torch.autograd.grad((true - runner_up).sum(), images, create_graph=True)
+        return input_gradient.flatten(1).square().sum(1).mean()
+
+    with _patched(finetune_stage, "_input_gradient_penalty", penalty):
+        yield
+
+
 MECHANISMS: dict[str, Callable[[nn.Module], contextlib.AbstractContextManager[None]]] = {
     "defaults": lambda model: contextlib.nullcontext(),
     "rms-penalty": rms_penalty,
@@ -171,7 +215,56 @@ MECHANISMS: dict[str, Callable[[nn.Module], contextlib.AbstractContextManager[No
     "held-clip": held_clip,
     "scale-penalty": scale_penalty,
     "frozen-bn": frozen_bn,
+    "tempered-teacher": tempered_teacher,
+    "margin-penalty": margin_penalty,
 }
+
+
+class Scaled(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def curvature_parts(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int = 6
+) -> tuple[float, float, float]:
+    """(mean normalized curvature, the same of the softmax's Gauss-Newton part alone, mean logit margin).
+
+    The input Hessian of the cross-entropy is J^T (diag p - p p^T) J + sum_k (p - y)_k * Hessian(z_k),
+    with z the logits and J their input Jacobian. The first (Gauss-Newton) part is the softmax's
+    curvature seen through the network; only the second needs the network itself to be curved. Both
+    norms are read by Lanczos from the input gradient, as ``estimate_curvature`` does, on the same
+    stand-in (ReLUs measured as softplus at beta 1000).
+    """
+    model = relu_stand_in(model)
+    x = images.detach().clone().requires_grad_(True)
+    logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    (gradient,) = torch.autograd.grad(loss, x, create_graph=True)
+    probe = torch.zeros_like(logits, requires_grad=True)
+    (transposed,) = torch.autograd.grad(logits, x, grad_outputs=probe, create_graph=True)  # J^T probe
+    p = logits.softmax(1).detach()
+
+    def whole(direction: torch.Tensor) -> torch.Tensor:
+        return torch.autograd.grad(gradient, x, grad_outputs=direction, retain_graph=True)[0]
+
+    def gauss_newton(direction: torch.Tensor) -> torch.Tensor:
+        (forward,) = torch.autograd.grad(transposed, probe, grad_outputs=direction, retain_graph=True)  # J v
+        curved = p * forward - p * (p * forward).sum(1, keepdim=True)
+        return torch.autograd.grad(logits, x, grad_outputs=curved, retain_graph=True)[0]
+
+    start = gradient.detach() / _nonzero(_per_example_norm(gradient.detach()))
+    norm = gradient.detach().flatten(1).norm(dim=1) + 1e-12
+    top_two = logits.detach().topk(2, dim=1).values
+    return (
+        float((_lanczos(whole, start, steps) / norm).mean()),
+        float((_lanczos(gauss_newton, start, steps) / norm).mean()),
+        float((top_two[:, 0] - top_two[:, 1]).mean()),
+    )
 
 
 def sharpness(model: nn.Module, images: torch.Tensor) -> dict[str, tuple[float, float]]:
@@ -202,9 +295,18 @@ def main() -> int:
     parser.add_argument(
         "--mechanism", nargs="+", default=["defaults"], choices=list(MECHANISMS), help="one or more, applied together"
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
+    parser.add_argument(
+        "--seeds", type=int, nargs="*", default=[0, 1, 2], help="fine-tuning seeds (none: the original only)"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--activation", default="centered_softplus", choices=("centered_softplus", "swish"))
+    parser.add_argument(
+        "--temperatures",
+        type=float,
+        nargs="*",
+        default=[],
+        help="first measure the original with its logits divided by each (predictions unchanged)",
+    )
     parser.add_argument("--cache", type=Path, default=Path("runs/defaults"))
     args = parser.parse_args()
     size, epochs = MODELS[args.model]
@@ -221,13 +323,28 @@ def main() -> int:
     held_out, _ = _examples(splits.test, 360, 1)
     accuracy = evaluate_accuracy(original, splits.test)
     curvature = estimate_curvature(original, splits.test, max_examples=CURVATURE_EXAMPLES).curvature_mean
+    images, labels = next(iter(torch.utils.data.DataLoader(splits.test, batch_size=CURVATURE_EXAMPLES)))
+    _, softmax_part, margin = curvature_parts(original, images, labels)
     print(
         f"{args.model} {size}px, {' + '.join(args.mechanism)}, {' '.join(args.set) or 'default settings'}, "
         f"{args.activation}: "
-        f"original {accuracy:.2%}, mean curvature {curvature:.3f}"
+        f"original {accuracy:.2%}, mean curvature {curvature:.3f} (softmax part {softmax_part:.3f}), "
+        f"mean logit margin {margin:.1f}"
     )
-    print("| seed | accuracy | curvature | fine-tuning | per family: median β, β × input RMS (before → after) |")
-    print("|---:|---:|---:|---:|---|")
+    for temperature in args.temperatures:
+        tempered = nn.Sequential(original, Scaled(1 / temperature)).eval()
+        tempered_curvature = estimate_curvature(tempered, splits.test, max_examples=CURVATURE_EXAMPLES).curvature_mean
+        _, tempered_part, tempered_margin = curvature_parts(tempered, images, labels)
+        print(
+            f"original, logits / {temperature:g}: {evaluate_accuracy(tempered, splits.test):.2%}, "
+            f"curvature ÷{curvature / tempered_curvature:.1f} (softmax part {tempered_part:.3f}), "
+            f"mean logit margin {tempered_margin:.1f}"
+        )
+    print(
+        "| seed | accuracy | curvature | softmax part | logit margin | fine-tuning "
+        "| per family: median β, β × input RMS (before → after) |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---|")
     for seed in args.seeds:
         torch.manual_seed(0)
         options = ConvertOptions(beta="auto", rules=default_rules(args.activation), input_size=(3, size, size), seed=0)
@@ -250,13 +367,14 @@ def main() -> int:
             tuned_accuracy = evaluate_accuracy(converted, splits.test)
             tuned = estimate_curvature(converted, splits.test, max_examples=CURVATURE_EXAMPLES).curvature_mean
             after = sharpness(converted, held_out[:256])
+            _, softmax_part, margin = curvature_parts(converted, images, labels)
         families = "; ".join(
             f"{label} β {before[label][0]:.2f} → {after[label][0]:.2f}, β×RMS {before[label][1]:.2f} → {after[label][1]:.2f}"
             for label in before
         )
         print(
             f"| {seed} | {tuned_accuracy:.2%} ({100 * (tuned_accuracy - accuracy):+.2f} pt) | ÷{curvature / tuned:.1f} "
-            f"| {result.seconds:.0f} s, {result.steps} steps | {families} |",
+            f"| {softmax_part:.3f} | {margin:.1f} | {result.seconds:.0f} s, {result.steps} steps | {families} |",
             flush=True,
         )
     return 0

@@ -296,13 +296,29 @@ def estimate_curvature(
 
 def evaluate_accuracy(model: nn.Module, data: Data, max_examples: int | None = None, batch_size: int = 256) -> float:
     """Top-1 accuracy on the first ``max_examples`` examples of ``data`` (all when None)."""
+    return accuracy_and_confidence(model, data, max_examples, batch_size)[0]
+
+
+def accuracy_and_confidence(
+    model: nn.Module, data: Data, max_examples: int | None = None, batch_size: int = 256
+) -> tuple[float, float]:
+    """Top-1 accuracy and mean top-1 softmax probability on the first ``max_examples`` examples.
+
+    The confidence stands beside the curvature because the loss's curvature falls with it: most of
+    a confident model's normalized curvature is the softmax's, seen through the network
+    (docs/finetuning.md, "Where the curvature is"), so a model that is merely less sure of itself
+    also measures flatter.
+    """
     device, dtype = _device_and_dtype(model)
     correct = total = 0
+    confidence = 0.0
     with _eval_mode(model), torch.no_grad():
         for images, labels in _batches(data, max_examples, batch_size, device, dtype):
-            correct += int((first_tensor(model(images)).argmax(-1) == labels).sum())
+            logits = first_tensor(model(images)).float()
+            correct += int((logits.argmax(-1) == labels).sum())
+            confidence += float(logits.softmax(-1).amax(-1).sum())
             total += len(labels)
-    return correct / total
+    return correct / total, confidence / total
 
 
 def pgd_attack(
@@ -620,12 +636,14 @@ class ModelMetrics:
     robustness: dict[str, RobustnessCurve]  # norm -> curve
     pgd_l2_accuracy: float | None
     pgd_linf_accuracy: float | None
+    confidence: float | None = None  # mean top-1 softmax probability; None in checkpoints of older releases
 
     def to_dict(self) -> dict[str, Any]:
         """report.json's form; the per-example curvatures are kept apart (``curvature.per_example_curvature``)."""
         summary = self.curvature.to_dict()
         return {
             "accuracy": self.accuracy,
+            "confidence": self.confidence,
             **{key: value for key, value in summary.items() if key != "num_examples"},
             "curvature_examples": summary["num_examples"],
             "pgd_l2_accuracy": self.pgd_l2_accuracy,
@@ -653,7 +671,14 @@ class ModelMetrics:
             )
             for norm, curve in data["robustness"].items()
         }
-        return cls(data["accuracy"], curvature, robustness, data["pgd_l2_accuracy"], data["pgd_linf_accuracy"])
+        return cls(
+            data["accuracy"],
+            curvature,
+            robustness,
+            data["pgd_l2_accuracy"],
+            data["pgd_linf_accuracy"],
+            data.get("confidence"),
+        )
 
 
 @dataclass(frozen=True)
@@ -680,7 +705,7 @@ def measure_model(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> ModelMetrics:
-    """Accuracy, curvature and the L2 and L-inf robustness curves on the first ``examples`` test images.
+    """Accuracy, confidence, curvature and the L2 and L-inf robustness curves on the first ``examples`` test images.
 
     ``budgets`` are the headline ones (``pgd_*_accuracy``); ``epsilons`` the budgets of each curve,
     or None to run each from 0 until this model falls below CURVE_STOP_BELOW (the original's).
@@ -701,8 +726,10 @@ def measure_model(
         )
         for norm in ("l2", "linf")
     }
+    accuracy, confidence = accuracy_and_confidence(model, test)
     return ModelMetrics(
-        accuracy=evaluate_accuracy(model, test),
+        accuracy=accuracy,
+        confidence=confidence,
         curvature=curvature,
         robustness=dict(curves),
         pgd_l2_accuracy=curves["l2"].at(budgets["l2"]),

@@ -181,6 +181,7 @@ def _number(value: float | None, digits: int = 4) -> str:
 # (label, format, the value of a model's metrics)
 METRIC_ROWS: tuple[tuple[str, str, Callable[[ModelMetrics], float | None]], ...] = (
     ("accuracy", "{:.2%}", lambda metrics: metrics.accuracy),
+    ("confidence (mean top-1 probability)", "{:.2%}", lambda metrics: metrics.confidence),
     ("curvature (mean)", "{:.4g}", lambda metrics: metrics.curvature.curvature_mean),
     ("curvature (std)", "{:.4g}", lambda metrics: metrics.curvature.curvature_std),
     ("Hessian norm (mean)", "{:.4g}", lambda metrics: metrics.curvature.hessian_norm_mean),

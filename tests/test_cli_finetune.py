@@ -19,6 +19,7 @@ from .conftest import assert_one_line_error, fake_earlier_output, snapshot
 FAST = ("resnet18", "--no-pretrained", "--image-size", "16", "--batch-size", "256", "--eval-examples", "16")
 METRIC_KEYS = {
     "accuracy",
+    "confidence",
     "curvature_mean",
     "curvature_std",
     "hessian_norm_mean",

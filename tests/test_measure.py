@@ -17,6 +17,7 @@ from lcnn_convert import CenteredSoftplus
 from lcnn_convert.measure import (
     PGD_DEFAULTS,
     ModelMetrics,
+    accuracy_and_confidence,
     adversarial_accuracy,
     estimate_curvature,
     evaluate_accuracy,
@@ -289,3 +290,32 @@ def test_a_models_metrics_round_trip_through_their_dict(digits, trained_digits_n
     data = json.loads(json.dumps(metrics.to_dict()))
     assert "per_example_curvature" not in data and data["curvature_examples"] == 8
     assert ModelMetrics.from_dict(data, metrics.curvature.per_example_curvature) == metrics
+    # a checkpoint written before the confidence was measured still loads
+    del data["confidence"]
+    assert ModelMetrics.from_dict(data, metrics.curvature.per_example_curvature).confidence is None
+
+
+class Tempered(nn.Module):
+    def __init__(self, model: nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.model, self.temperature = model, temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) / self.temperature
+
+
+def test_confidence_is_the_mean_top1_probability_and_flattens_the_curvature(digits, trained_digits_net):
+    """The same predictions, less sure: the confidence falls and so does the measured curvature,
+    which is why the report shows the two together."""
+    images, labels = digits[0][1400:1464], digits[1][1400:1464]
+    with torch.no_grad():
+        expected = float(trained_digits_net.eval()(images).softmax(1).amax(1).mean())
+    accuracy, confidence = accuracy_and_confidence(trained_digits_net, (images, labels), batch_size=24)
+    assert confidence == pytest.approx(expected, rel=1e-5)
+    assert accuracy == evaluate_accuracy(trained_digits_net, (images, labels))
+    tempered = Tempered(trained_digits_net, 4.0)
+    tempered_accuracy, tempered_confidence = accuracy_and_confidence(tempered, (images, labels))
+    assert tempered_accuracy == accuracy and tempered_confidence < confidence - 0.1
+    sure = estimate_curvature(trained_digits_net, (images, labels), max_examples=32).curvature_mean
+    unsure = estimate_curvature(tempered, (images, labels), max_examples=32).curvature_mean
+    assert unsure < sure, (unsure, sure)
