@@ -61,9 +61,11 @@ from lcnn_convert.data import load_dataset  # noqa: E402
 from lcnn_convert.layers import LipschitzBatchNorm, SmoothActivation  # noqa: E402
 from lcnn_convert.layers.normalized_linear import _OperatorNormalized  # noqa: E402
 from lcnn_convert.measure import (  # noqa: E402
+    ScaledLogits,
     _lanczos,
     _nonzero,
     _per_example_norm,
+    confidence_matching_scale,
     estimate_curvature,
     evaluate_accuracy,
     relu_stand_in,
@@ -220,15 +222,6 @@ MECHANISMS: dict[str, Callable[[nn.Module], contextlib.AbstractContextManager[No
 }
 
 
-class Scaled(nn.Module):
-    def __init__(self, factor: float) -> None:
-        super().__init__()
-        self.factor = factor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.factor
-
-
 def curvature_parts(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int = 6
 ) -> tuple[float, float, float]:
@@ -307,6 +300,11 @@ def main() -> int:
         default=[],
         help="first measure the original with its logits divided by each (predictions unchanged)",
     )
+    parser.add_argument(
+        "--matched-confidence",
+        action="store_true",
+        help="also measure each fine-tuned model with its logits scaled to the original's confidence",
+    )
     parser.add_argument("--cache", type=Path, default=Path("runs/defaults"))
     args = parser.parse_args()
     size, epochs = MODELS[args.model]
@@ -325,6 +323,8 @@ def main() -> int:
     curvature = estimate_curvature(original, splits.test, max_examples=CURVATURE_EXAMPLES).curvature_mean
     images, labels = next(iter(torch.utils.data.DataLoader(splits.test, batch_size=CURVATURE_EXAMPLES)))
     _, softmax_part, margin = curvature_parts(original, images, labels)
+    with torch.no_grad():
+        original_confidence = float(original(images).softmax(1).amax(1).mean())
     print(
         f"{args.model} {size}px, {' + '.join(args.mechanism)}, {' '.join(args.set) or 'default settings'}, "
         f"{args.activation}: "
@@ -332,7 +332,7 @@ def main() -> int:
         f"mean logit margin {margin:.1f}"
     )
     for temperature in args.temperatures:
-        tempered = nn.Sequential(original, Scaled(1 / temperature)).eval()
+        tempered = ScaledLogits(original, 1 / temperature).eval()
         tempered_curvature = estimate_curvature(tempered, splits.test, max_examples=CURVATURE_EXAMPLES).curvature_mean
         _, tempered_part, tempered_margin = curvature_parts(tempered, images, labels)
         print(
@@ -340,11 +340,14 @@ def main() -> int:
             f"curvature ÷{curvature / tempered_curvature:.1f} (softmax part {tempered_part:.3f}), "
             f"mean logit margin {tempered_margin:.1f}"
         )
+    print(f"original's mean top-1 probability on the curvature's images: {original_confidence:.2%}")
     print(
-        "| seed | accuracy | curvature | softmax part | logit margin | fine-tuning "
+        "| seed | accuracy | curvature | softmax part | logit margin "
+        + ("| curvature at the original's confidence " if args.matched_confidence else "")
+        + "| fine-tuning "
         "| per family: median β, β × input RMS (before → after) |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---|")
+    print("|---:|---:|---:|---:|---:|" + ("---:|" if args.matched_confidence else "") + "---:|---|")
     for seed in args.seeds:
         torch.manual_seed(0)
         options = ConvertOptions(beta="auto", rules=default_rules(args.activation), input_size=(3, size, size), seed=0)
@@ -368,13 +371,24 @@ def main() -> int:
             tuned = estimate_curvature(converted, splits.test, max_examples=CURVATURE_EXAMPLES).curvature_mean
             after = sharpness(converted, held_out[:256])
             _, softmax_part, margin = curvature_parts(converted, images, labels)
+            matched = None
+            if args.matched_confidence:
+                # the fine-tuned model with its logits scaled to the original's confidence on the
+                # curvature's images: the curvature a change of confidence alone does not explain
+                with torch.no_grad():
+                    scale = confidence_matching_scale(converted.eval()(images), original_confidence)
+                rescaled = ScaledLogits(converted, scale).eval()
+                matched_curvature = estimate_curvature(rescaled, splits.test, max_examples=CURVATURE_EXAMPLES)
+                matched = (scale, curvature / matched_curvature.curvature_mean)
         families = "; ".join(
             f"{label} β {before[label][0]:.2f} → {after[label][0]:.2f}, β×RMS {before[label][1]:.2f} → {after[label][1]:.2f}"
             for label in before
         )
         print(
             f"| {seed} | {tuned_accuracy:.2%} ({100 * (tuned_accuracy - accuracy):+.2f} pt) | ÷{curvature / tuned:.1f} "
-            f"| {softmax_part:.3f} | {margin:.1f} | {result.seconds:.0f} s, {result.steps} steps | {families} |",
+            f"| {softmax_part:.3f} | {margin:.1f} "
+            + ("" if matched is None else f"| logits × {matched[0]:.2f}: ÷{matched[1]:.1f} ")
+            + f"| {result.seconds:.0f} s, {result.steps} steps | {families} |",
             flush=True,
         )
     return 0

@@ -299,6 +299,22 @@ def evaluate_accuracy(model: nn.Module, data: Data, max_examples: int | None = N
     return accuracy_and_confidence(model, data, max_examples, batch_size)[0]
 
 
+def _logits_and_labels(
+    model: nn.Module, data: Data, max_examples: int | None, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    device, dtype = _device_and_dtype(model)
+    logits, labels = [], []
+    with _eval_mode(model), torch.no_grad():
+        for images, batch_labels in _batches(data, max_examples, batch_size, device, dtype):
+            logits.append(first_tensor(model(images)).float().cpu())
+            labels.append(batch_labels.cpu())
+    return torch.cat(logits), torch.cat(labels)
+
+
+def _mean_confidence(logits: torch.Tensor) -> float:
+    return float(logits.softmax(-1).amax(-1).mean())
+
+
 def accuracy_and_confidence(
     model: nn.Module, data: Data, max_examples: int | None = None, batch_size: int = 256
 ) -> tuple[float, float]:
@@ -309,16 +325,36 @@ def accuracy_and_confidence(
     (docs/finetuning.md, "Where the curvature is"), so a model that is merely less sure of itself
     also measures flatter.
     """
-    device, dtype = _device_and_dtype(model)
-    correct = total = 0
-    confidence = 0.0
-    with _eval_mode(model), torch.no_grad():
-        for images, labels in _batches(data, max_examples, batch_size, device, dtype):
-            logits = first_tensor(model(images)).float()
-            correct += int((logits.argmax(-1) == labels).sum())
-            confidence += float(logits.softmax(-1).amax(-1).sum())
-            total += len(labels)
-    return correct / total, confidence / total
+    logits, labels = _logits_and_labels(model, data, max_examples, batch_size)
+    return float((logits.argmax(-1) == labels).float().mean()), _mean_confidence(logits)
+
+
+def confidence_matching_scale(logits: torch.Tensor, confidence: float) -> float:
+    """The factor s > 0 for which softmax(s * logits) has mean top-1 probability ``confidence``.
+
+    The mean top-1 probability grows with s (from 1/classes at s = 0), so bisection on log s finds
+    it; a target out of reach gives the nearest end of [1e-6, 1e6].
+    """
+    low, high = math.log(1e-6), math.log(1e6)
+    for _ in range(60):
+        middle = (low + high) / 2
+        if _mean_confidence(logits * math.exp(middle)) < confidence:
+            low = middle
+        else:
+            high = middle
+    return math.exp((low + high) / 2)
+
+
+class ScaledLogits(nn.Module):
+    """``model`` with its logits multiplied by a fixed factor: the same predictions, another confidence."""
+
+    def __init__(self, model: nn.Module, factor: float) -> None:
+        super().__init__()
+        self.model = model
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) * self.factor
 
 
 def pgd_attack(
@@ -636,7 +672,11 @@ class ModelMetrics:
     robustness: dict[str, RobustnessCurve]  # norm -> curve
     pgd_l2_accuracy: float | None
     pgd_linf_accuracy: float | None
-    confidence: float | None = None  # mean top-1 softmax probability; None in checkpoints of older releases
+    # None in checkpoints of older releases:
+    confidence: float | None = None  # mean top-1 softmax probability
+    # mean curvature with the logits scaled to the original's confidence (the original's own curvature
+    # for the original): the curvature a change of confidence alone does not explain
+    curvature_at_original_confidence: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """report.json's form; the per-example curvatures are kept apart (``curvature.per_example_curvature``)."""
@@ -644,6 +684,7 @@ class ModelMetrics:
         return {
             "accuracy": self.accuracy,
             "confidence": self.confidence,
+            "curvature_at_original_confidence": self.curvature_at_original_confidence,
             **{key: value for key, value in summary.items() if key != "num_examples"},
             "curvature_examples": summary["num_examples"],
             "pgd_l2_accuracy": self.pgd_l2_accuracy,
@@ -678,6 +719,7 @@ class ModelMetrics:
             data["pgd_l2_accuracy"],
             data["pgd_linf_accuracy"],
             data.get("confidence"),
+            data.get("curvature_at_original_confidence"),
         )
 
 
@@ -704,8 +746,13 @@ def measure_model(
     epsilons: dict[str, list[float]] | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    original_confidence: float | None = None,
 ) -> ModelMetrics:
     """Accuracy, confidence, curvature and the L2 and L-inf robustness curves on the first ``examples`` test images.
+
+    ``original_confidence`` is the original's mean top-1 probability on ``test``: the curvature is
+    measured once more with ``model``'s logits scaled to that confidence (``ScaledLogits``). None
+    means ``model`` is the original, whose curvature at its own confidence is its curvature.
 
     ``budgets`` are the headline ones (``pgd_*_accuracy``); ``epsilons`` the budgets of each curve,
     or None to run each from 0 until this model falls below CURVE_STOP_BELOW (the original's).
@@ -726,10 +773,15 @@ def measure_model(
         )
         for norm in ("l2", "linf")
     }
-    accuracy, confidence = accuracy_and_confidence(model, test)
+    logits, labels = _logits_and_labels(model, test, None, 256)
+    at_original_confidence = curvature.curvature_mean
+    if original_confidence is not None:
+        rescaled = ScaledLogits(model, confidence_matching_scale(logits, original_confidence))
+        at_original_confidence = estimate_curvature(rescaled, test, max_examples=examples).curvature_mean
     return ModelMetrics(
-        accuracy=accuracy,
-        confidence=confidence,
+        accuracy=float((logits.argmax(-1) == labels).float().mean()),
+        confidence=_mean_confidence(logits),
+        curvature_at_original_confidence=at_original_confidence,
         curvature=curvature,
         robustness=dict(curves),
         pgd_l2_accuracy=curves["l2"].at(budgets["l2"]),

@@ -264,8 +264,25 @@ def _measure(run: Run, model: nn.Module, epsilons: dict[str, list[float]] | None
 
     splits = run.data
     return measure_model(
-        model.to(run.device), splits.test, run.job.eval_examples, run.budgets, epsilons, splits.mean, splits.std
+        model.to(run.device),
+        splits.test,
+        run.job.eval_examples,
+        run.budgets,
+        epsilons,
+        splits.mean,
+        splits.std,
+        None if model is run.original else _original_confidence(run),
     )
+
+
+def _original_confidence(run: Run) -> float:
+    from .measure import accuracy_and_confidence
+
+    original = run.metrics.get("original")
+    if original is not None and original.confidence is not None:
+        return original.confidence
+    # metrics resumed from a checkpoint of a release that did not measure the confidence
+    return accuracy_and_confidence(run.original.to(run.device), run.data.test)[1]
 
 
 def _curve_epsilons(run: Run) -> dict[str, list[float]] | None:

@@ -183,6 +183,11 @@ METRIC_ROWS: tuple[tuple[str, str, Callable[[ModelMetrics], float | None]], ...]
     ("accuracy", "{:.2%}", lambda metrics: metrics.accuracy),
     ("confidence (mean top-1 probability)", "{:.2%}", lambda metrics: metrics.confidence),
     ("curvature (mean)", "{:.4g}", lambda metrics: metrics.curvature.curvature_mean),
+    (
+        "curvature at the original's confidence",
+        "{:.4g}",
+        lambda metrics: metrics.curvature_at_original_confidence,
+    ),
     ("curvature (std)", "{:.4g}", lambda metrics: metrics.curvature.curvature_std),
     ("Hessian norm (mean)", "{:.4g}", lambda metrics: metrics.curvature.hessian_norm_mean),
     ("gradient norm (mean)", "{:.4g}", lambda metrics: metrics.curvature.grad_norm_mean),

@@ -20,6 +20,7 @@ FAST = ("resnet18", "--no-pretrained", "--image-size", "16", "--batch-size", "25
 METRIC_KEYS = {
     "accuracy",
     "confidence",
+    "curvature_at_original_confidence",
     "curvature_mean",
     "curvature_std",
     "hessian_norm_mean",

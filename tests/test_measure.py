@@ -17,8 +17,10 @@ from lcnn_convert import CenteredSoftplus
 from lcnn_convert.measure import (
     PGD_DEFAULTS,
     ModelMetrics,
+    ScaledLogits,
     accuracy_and_confidence,
     adversarial_accuracy,
+    confidence_matching_scale,
     estimate_curvature,
     evaluate_accuracy,
     measure_model,
@@ -295,27 +297,38 @@ def test_a_models_metrics_round_trip_through_their_dict(digits, trained_digits_n
     assert ModelMetrics.from_dict(data, metrics.curvature.per_example_curvature).confidence is None
 
 
-class Tempered(nn.Module):
-    def __init__(self, model: nn.Module, temperature: float) -> None:
-        super().__init__()
-        self.model, self.temperature = model, temperature
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x) / self.temperature
-
-
-def test_confidence_is_the_mean_top1_probability_and_flattens_the_curvature(digits, trained_digits_net):
-    """The same predictions, less sure: the confidence falls and so does the measured curvature,
-    which is why the report shows the two together."""
+def test_confidence_is_the_mean_top1_probability(digits, trained_digits_net):
     images, labels = digits[0][1400:1464], digits[1][1400:1464]
     with torch.no_grad():
         expected = float(trained_digits_net.eval()(images).softmax(1).amax(1).mean())
     accuracy, confidence = accuracy_and_confidence(trained_digits_net, (images, labels), batch_size=24)
     assert confidence == pytest.approx(expected, rel=1e-5)
     assert accuracy == evaluate_accuracy(trained_digits_net, (images, labels))
-    tempered = Tempered(trained_digits_net, 4.0)
-    tempered_accuracy, tempered_confidence = accuracy_and_confidence(tempered, (images, labels))
-    assert tempered_accuracy == accuracy and tempered_confidence < confidence - 0.1
-    sure = estimate_curvature(trained_digits_net, (images, labels), max_examples=32).curvature_mean
-    unsure = estimate_curvature(tempered, (images, labels), max_examples=32).curvature_mean
-    assert unsure < sure, (unsure, sure)
+
+
+def test_confidence_matching_scale_reaches_the_target():
+    logits = torch.randn(50, 10, generator=torch.Generator().manual_seed(0)) * 3
+    for target in (0.15, 0.5, 0.99):
+        scale = confidence_matching_scale(logits, target)
+        assert float((logits * scale).softmax(1).amax(1).mean()) == pytest.approx(target, abs=1e-6)
+
+
+def test_a_less_confident_model_has_the_originals_curvature_at_the_originals_confidence(digits, trained_digits_net):
+    """The same predictions, less sure: the curvature falls, and scaling the logits back to the
+    original's confidence gives the original's curvature again, which is why the report shows it."""
+    data = (digits[0][1400:1464], digits[1][1400:1464])
+    budgets = {"l2": 0.5, "linf": 8 / 255}
+    original = measure_model(trained_digits_net, data, 16, budgets, mean=(0.5,), std=(0.5,))
+    assert original.curvature_at_original_confidence == original.curvature.curvature_mean
+    unsure = measure_model(
+        ScaledLogits(trained_digits_net, 0.25),
+        data,
+        16,
+        budgets,
+        mean=(0.5,),
+        std=(0.5,),
+        original_confidence=original.confidence,
+    )
+    assert unsure.accuracy == original.accuracy and unsure.confidence < original.confidence - 0.1
+    assert unsure.curvature.curvature_mean < 0.8 * original.curvature.curvature_mean
+    assert unsure.curvature_at_original_confidence == pytest.approx(original.curvature.curvature_mean, rel=1e-3)
