@@ -106,6 +106,14 @@ def main() -> int:
         )
     for check, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}  {check}")
+    # Not part of the bar: how much of the curvature's fall the lower confidence alone explains.
+    matched = original["curvature_mean"] / finetuned["curvature_at_original_confidence"]
+    change = f"÷{matched:.1f}" if matched >= 1 else f"×{1 / matched:.2f}"
+    print(
+        f"note  mean top-1 probability {original['confidence']:.2%} → {finetuned['confidence']:.2%}; "
+        f"at the original's confidence the curvature is {change} (docs/finetuning.md, "
+        '"Where the curvature is")'
+    )
     return 0 if all(checks.values()) else 1
 
 
