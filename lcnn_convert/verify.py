@@ -82,62 +82,53 @@ def onnx_session(path: str | Path, threads: int | None = None):
 
 
 @dataclass(frozen=True)
+class LoadedOnnx:
+    """An ONNX file loaded once into a runtime: ``run`` maps a float32 NCHW array to the first
+    output; ``input_dims`` are the input's dimensions (None where dynamic)."""
+
+    run: Callable[[np.ndarray], np.ndarray]
+    input_dims: list[int | None]
+
+
+@dataclass(frozen=True)
 class Runtime:
-    """One ONNX runtime: ``load(path)`` gives a callable from a float32 NCHW array to the first
-    output, ``input_dims(path)`` the input's dimensions (None where dynamic); ``install`` says how
-    to get it where it is missing."""
+    """One ONNX runtime: ``load(path)`` loads a file into it; ``install`` says how to get it where
+    it is missing."""
 
     name: str
     module: str
     install: str
-    load: Callable[[Path], Callable[[np.ndarray], np.ndarray]]
-    input_dims: Callable[[Path], list[int | None]]
+    load: Callable[[Path], LoadedOnnx]
 
 
-def _onnxruntime_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+def _onnxruntime_load(path: Path) -> LoadedOnnx:
     session = onnx_session(path)
-    name = session.get_inputs()[0].name
-    return lambda batch: session.run(None, {name: batch})[0]
+    first = session.get_inputs()[0]
+    dims = [dim if isinstance(dim, int) else None for dim in first.shape]
+    return LoadedOnnx(lambda batch: session.run(None, {first.name: batch})[0], dims)
 
 
-def _onnxruntime_dims(path: Path) -> list[int | None]:
-    return [dim if isinstance(dim, int) else None for dim in onnx_session(path).get_inputs()[0].shape]
-
-
-def _openvino_model(path: Path):
+def _openvino_load(path: Path) -> LoadedOnnx:
     import openvino
 
+    core = openvino.Core()
     try:
-        return openvino.Core().read_model(str(path))
+        model = core.read_model(str(path))
     except Exception as error:  # OpenVINO raises RuntimeError/its own types for unreadable graphs
         raise LcnnError(f"OpenVINO cannot load {path}: {first_line(error)}") from error
-
-
-def _openvino_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    import openvino
-
+    shape = model.inputs[0].get_partial_shape()
+    dims = [dim.get_length() if dim.is_static else None for dim in shape]
     try:
         # f32 inference precision: the CPU plugin would otherwise run in bf16 where the CPU has it
-        compiled = openvino.Core().compile_model(_openvino_model(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    except LcnnError:
-        raise
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     except Exception as error:
         raise LcnnError(f"OpenVINO cannot compile {path}: {first_line(error)}") from error
-    return lambda batch: np.asarray(compiled(batch)[compiled.output(0)])
-
-
-def _openvino_dims(path: Path) -> list[int | None]:
-    shape = _openvino_model(path).inputs[0].get_partial_shape()
-    return [dim.get_length() if dim.is_static else None for dim in shape]
+    return LoadedOnnx(lambda batch: np.asarray(compiled(batch)[compiled.output(0)]), dims)
 
 
 RUNTIMES: dict[str, Runtime] = {
-    "onnxruntime": Runtime(
-        "onnxruntime", "onnxruntime", "pip install onnxruntime", _onnxruntime_runner, _onnxruntime_dims
-    ),
-    "openvino": Runtime(
-        "openvino", "openvino", 'pip install "lcnn-convert[openvino]"', _openvino_runner, _openvino_dims
-    ),
+    "onnxruntime": Runtime("onnxruntime", "onnxruntime", "pip install onnxruntime", _onnxruntime_load),
+    "openvino": Runtime("openvino", "openvino", 'pip install "lcnn-convert[openvino]"', _openvino_load),
 }
 assert tuple(RUNTIMES) == ONNX_RUNTIMES, "defaults.ONNX_RUNTIMES names what RUNTIMES runs"
 
@@ -154,10 +145,10 @@ def runtime(name: str) -> Runtime:
     return found
 
 
-def _input_shape(found: Runtime, path: Path, inputs: torch.Tensor | None) -> tuple[int, ...]:
+def _input_shape(loaded: LoadedOnnx, inputs: torch.Tensor | None) -> tuple[int, ...]:
     if inputs is not None:
         return tuple(inputs.shape[1:])
-    dims = found.input_dims(path)[1:]
+    dims = loaded.input_dims[1:]
     static = [dim for dim in dims if isinstance(dim, int)]
     if len(static) != len(dims):
         raise LcnnError("the ONNX input has dynamic non-batch dimensions; pass example inputs to verify with")
@@ -183,8 +174,8 @@ def verify_onnx(
     """
     path = Path(path)
     found = runtime(runtime_name)
-    run = found.load(path)
-    shape = _input_shape(found, path, inputs)
+    loaded = found.load(path)
+    shape = _input_shape(loaded, inputs)
     generator = torch.Generator().manual_seed(seed)
     batches = [torch.randn((num_random, *shape), generator=generator)] if num_random > 0 else []
     if inputs is not None:
@@ -196,7 +187,7 @@ def verify_onnx(
     with torch.no_grad():
         expected = first_tensor(model(batch)).numpy()
     try:
-        actual = run(batch.numpy())
+        actual = loaded.run(batch.numpy())
     except Exception as error:  # each runtime's own error types
         raise LcnnError(f"{found.name} failed to run {path}: {first_line(error)}") from error
     if actual.shape != expected.shape:

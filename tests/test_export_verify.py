@@ -85,6 +85,31 @@ def test_verify_reports_parity_and_catches_a_different_model(tmp_path, converted
     assert not mismatch.passed and "max abs diff" in mismatch.failure()
 
 
+@pytest.mark.parametrize("runtime_name", ["onnxruntime", "openvino"])
+def test_verify_reads_the_input_shape_from_the_file_it_loads_once(tmp_path, converted_resnet, runtime_name):
+    import openvino
+
+    path = export_onnx(converted_resnet, tmp_path / "model.onnx", torch.randn(2, 3, 64, 64))
+    reads: list[str] = []
+    session, read_model = ort.InferenceSession, openvino.Core.read_model
+
+    class CountedSession(session):
+        def __init__(self, *args, **kwargs):
+            reads.append("onnxruntime")
+            super().__init__(*args, **kwargs)
+
+    def counted_read_model(self, *args, **kwargs):
+        reads.append("openvino")
+        return read_model(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ort, "InferenceSession", CountedSession)
+        patch.setattr(openvino.Core, "read_model", counted_read_model)
+        result = verify_onnx(converted_resnet, path, num_random=3, runtime_name=runtime_name)
+    assert result.passed and result.num_inputs == 3
+    assert reads == [runtime_name]
+
+
 def test_openvino_runs_the_same_file_with_the_same_gates(tmp_path, converted_resnet):
     path = export_onnx(converted_resnet, tmp_path / "model.onnx", torch.randn(2, 3, 64, 64))
     real = torch.randn(4, 3, 64, 64)
